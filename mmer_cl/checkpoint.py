@@ -1,0 +1,163 @@
+"""Lazy, read-only access to a Hugging Face safetensors checkpoint.
+
+A checkpoint is a directory holding ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``, plus non-weight files (config, tokenizer).
+Only headers are read up front; :meth:`Checkpoint.get` reads one tensor at a
+time and closes the file again, so memory holds one tensor, never the model.
+Pickle weights (``*.bin``, ``*.pt``) are refused: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mmer_cl.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it looks like, read from the header alone."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("F64", "F32", "F16", "BF16") or self.dtype.startswith("F8")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _pickle_error(path: Path, found: list[Path]) -> CheckpointError:
+    names = ", ".join(p.name for p in found[:3])
+    return CheckpointError(
+        f"{path} holds pickle weights ({names}) and no safetensors. mmer-cl never unpickles files, "
+        "because loading a pickle can run arbitrary code. Convert it once, in an environment you "
+        "trust: `Model.from_pretrained(path).save_pretrained(out, safe_serialization=True)`, then "
+        "pass the converted directory."
+    )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files that make up the checkpoint at ``path``."""
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return [path]
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _pickle_error(path.parent, [path])
+        raise CheckpointError(f"{path} is not a safetensors file or a checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a directory saved with save_pretrained")
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from exc
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(
+                f"{index} lists shard(s) that are missing: {', '.join(missing)}. "
+                "Copy or download the complete checkpoint, then try again."
+            )
+        return files
+    if (path / SINGLE_NAME).exists():
+        return [path / SINGLE_NAME]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if len(found) > 1:
+        raise CheckpointError(f"{path} has several .safetensors files but no {INDEX_NAME}; "
+                              "re-save it with save_pretrained so the shards are indexed")
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise _pickle_error(path, pickles)
+    raise CheckpointError(f"no weights found in {path}: expected {SINGLE_NAME} or {INDEX_NAME}")
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened lazily: names, shapes and dtypes up front, data on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = _weight_files(self.path)
+        self.infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        if name in self.infos:
+                            raise CheckpointError(f"tensor {name} appears in two shards of {self.path}; "
+                                                  "re-save the checkpoint")
+                        self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), file)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {file}: {exc}. The file is damaged or not safetensors.") from exc
+        if not self.infos:
+            raise CheckpointError(f"{self.path} contains no tensors")
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
+        """Read one tensor. Float tensors with NaN/Inf raise :class:`CheckpointError`."""
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name} is not in checkpoint {self.path}")
+        with safe_open(str(info.file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name)
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"tensor {name} in {info.file} has {bad} NaN/Inf value(s). The checkpoint is damaged or "
+                "the fine-tune diverged; fix or re-export it before registering."
+            )
+        return tensor
+
+    def aux_files(self) -> list[Path]:
+        """Non-weight files beside the weights (config, tokenizer, ...), copied verbatim on export."""
+        skip = {f.name for f in self.files} | {INDEX_NAME}
+        return sorted(
+            p for p in self.directory.iterdir()
+            if p.is_file() and p.name not in skip and p.suffix not in PICKLE_SUFFIXES
+            and p.suffix != ".safetensors" and not p.name.startswith(".")
+        )
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def shard_bytes(self) -> int | None:
+        """The largest shard's size when sharded (to shard an export the same way), else None."""
+        return max(f.stat().st_size for f in self.files) if len(self.files) > 1 else None

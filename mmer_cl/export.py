@@ -1,0 +1,80 @@
+"""Turning a merged vector and a mask back into a runnable checkpoint.
+
+The functions here take *sources* (callables from a tensor name to a tensor),
+so the same code exports from a merge directory, from the store, or from
+memory. Tensors flow one at a time from the sources to the writer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from mmer_cl.checkpoint import DTYPES
+from mmer_cl.keymap import KeyMap
+from mmer_cl.reconstruct import reconstruct
+from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, atomic_directory
+
+TensorSource = Callable[[str], torch.Tensor]
+Progress = Callable[[int, int, str], None]
+
+
+def reconstructed_tensors(
+    keymap: KeyMap,
+    base: TensorSource,
+    merged: TensorSource,
+    mask: TensorSource | None,
+    own: TensorSource,
+    scale: float = 1.0,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(checkpoint key, tensor)`` in the checkpoint's own order and dtypes.
+
+    LLM tensors are ``base + scale * mask * merged`` (``mask=None`` means take
+    all of ``merged``); resized ones get their own extra rows appended;
+    modality tensors come verbatim from ``own``.
+    """
+    for key in keymap.order:
+        dtype = DTYPES.get(keymap.dtypes.get(key, ""))
+        base_key = keymap.llm.get(key)
+        if base_key is None:
+            yield key, own(key)
+            continue
+        b, m = base(base_key), merged(base_key)
+        mk = mask(base_key) if mask is not None else torch.ones_like(m, dtype=torch.bool)
+        t = reconstruct(b, mk, m, scale, dtype=dtype)
+        if key in keymap.resized:
+            t = torch.cat([t, own(key).to(t.device, t.dtype)])
+        yield key, t
+
+
+def write_model(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    aux_files: Mapping[str, bytes | Path],
+    total: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a Hugging Face style checkpoint directory atomically.
+
+    ``aux_files`` maps file name -> bytes or a path to copy (config.json,
+    tokenizer files, ...).
+    """
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for name, content in aux_files.items():
+            target = tmp / Path(name).name
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                target.write_bytes(content)
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for i, (name, tensor) in enumerate(tensors, start=1):
+            writer.add(name, tensor)
+            if progress:
+                progress(i, total or 0, name)
+        writer.finish()
+    return Path(out_dir)

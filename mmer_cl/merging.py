@@ -1,0 +1,128 @@
+"""Merges of task vectors into one vector ``tau_*`` (DESIGN.md section 1).
+
+Every merge takes the task vectors of one parameter tensor (one per model,
+same shape) and returns a float32 tensor of that shape. They are pure
+functions: no I/O, no global state; ``dare_ties`` takes an explicit seed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from mmer_cl.errors import ConfigError
+
+
+def _check(taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if not taus:
+        raise ConfigError("a merge needs at least one task vector")
+    shape = taus[0].shape
+    for t in taus:
+        if t.shape != shape:
+            raise ConfigError(f"task vectors differ in shape: {tuple(shape)} vs {tuple(t.shape)}")
+    return [t.to(torch.float32) for t in taus]
+
+
+def check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}")
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many entries trimming keeps: round(density * numel), at least 1."""
+    check_density(density)
+    return min(numel, max(1, round(density * numel)))
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest ``|tau|``; zero the rest.
+
+    Exactly ``keep_count(numel, density)`` entries are kept (ties at the
+    threshold are broken by position, deterministically).
+    """
+    tau = tau.to(torch.float32)
+    k = keep_count(tau.numel(), density)
+    if k == tau.numel():
+        return tau.clone()
+    flat = tau.reshape(-1)
+    idx = torch.topk(flat.abs(), k, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(tau.shape)
+
+
+def elect_sign(hats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``gamma = sign(sum_i hat_i)``: the sign with the most total mass, per entry."""
+    return torch.sign(torch.stack(list(hats)).sum(dim=0))
+
+
+def disjoint_mean(hats: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch.Tensor:
+    """Mean of the entries whose sign agrees with ``gamma`` (zeros not counted)."""
+    stacked = torch.stack(list(hats))
+    agree = (torch.sign(stacked) == gamma) & (stacked != 0)
+    total = (stacked * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def ties(taus: Sequence[torch.Tensor], density: float = 0.2, alpha: float = 1.0) -> torch.Tensor:
+    """TIES merge: trim to ``density``, elect signs, disjoint mean, scale by ``alpha``."""
+    hats = [trim(t, density) for t in _check(taus)]
+    return alpha * disjoint_mean(hats, elect_sign(hats))
+
+
+def task_arithmetic(taus: Sequence[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
+    """``alpha * sum_i tau_i``."""
+    return alpha * torch.stack(_check(taus)).sum(dim=0)
+
+
+def average(taus: Sequence[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
+    """``alpha * mean_i tau_i`` (the NaiveMC-style merge)."""
+    return alpha * torch.stack(_check(taus)).mean(dim=0)
+
+
+def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop each entry with probability ``1 - density``; rescale survivors by ``1/density``."""
+    check_density(density)
+    tau = tau.to(torch.float32)
+    keep = torch.rand(tau.shape, generator=generator, device=generator.device) < density
+    return torch.where(keep.to(tau.device), tau / density, torch.zeros_like(tau))
+
+
+def dare_ties(
+    taus: Sequence[torch.Tensor], density: float = 0.2, alpha: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """DARE (seeded random drop with rescale) for each model, then TIES sign election.
+
+    Model ``i`` draws from a CPU generator seeded with ``seed + i``, so a
+    result depends only on the seed, never on the device or call order.
+    """
+    taus = _check(taus)
+    hats = []
+    for i, tau in enumerate(taus):
+        gen = torch.Generator(device="cpu").manual_seed(seed + i)
+        hats.append(dare(tau.cpu(), density, gen).to(tau.device))
+    return alpha * disjoint_mean(hats, elect_sign(hats))
+
+
+MergeFn = Callable[..., torch.Tensor]
+
+MERGE_METHODS: dict[str, MergeFn] = {
+    "ties": ties,
+    "task_arithmetic": task_arithmetic,
+    "average": average,
+    "dare_ties": dare_ties,
+}
+
+
+def merge(method: str, taus: Sequence[torch.Tensor], *, density: float = 0.2, alpha: float = 1.0,
+          seed: int = 0) -> torch.Tensor:
+    """Dispatch to a merge by name, passing only the parameters that merge uses."""
+    if method == "ties":
+        return ties(taus, density=density, alpha=alpha)
+    if method == "dare_ties":
+        return dare_ties(taus, density=density, alpha=alpha, seed=seed)
+    if method in MERGE_METHODS:
+        return MERGE_METHODS[method](taus, alpha=alpha)
+    raise ConfigError(f"unknown merge method {method!r}; choose one of {sorted(MERGE_METHODS)}")

@@ -1,0 +1,64 @@
+"""The parameters of one expansion, validated once, stored with every version."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+
+from mmer_cl.errors import ConfigError
+from mmer_cl.masks import MASK_RULES
+from mmer_cl.merging import MERGE_METHODS
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """How task vectors are merged and masks computed.
+
+    method: ``ties`` (default), ``task_arithmetic``, ``average`` or ``dare_ties``.
+    density: fraction of each task vector kept by trimming (ties, dare_ties).
+    alpha: scale of the merged vector.
+    mask_rule: ``mmer`` (default), ``emr`` or ``consensus``.
+    lam: lambda of the ``mmer`` rule (smaller keeps more parameters).
+    k: how many models must agree, for ``consensus``.
+    seed: seed of ``dare_ties``'s random drop.
+    """
+
+    method: str = "ties"
+    density: float = 0.2
+    alpha: float = 1.0
+    mask_rule: str = "mmer"
+    lam: float = 1.0
+    k: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise ConfigError(f"unknown merge method {self.method!r}; choose one of {sorted(MERGE_METHODS)}")
+        if self.mask_rule not in MASK_RULES:
+            raise ConfigError(f"unknown mask rule {self.mask_rule!r}; choose one of {list(MASK_RULES)}")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if self.lam < 0:
+            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
+        if self.k < 1:
+            raise ConfigError(f"consensus k must be >= 1, got {self.k}")
+
+    @property
+    def incremental(self) -> bool:
+        """Whether an expansion can fold new models into stored accumulators."""
+        return self.method == "ties"
+
+    def merge_key(self) -> tuple:
+        """Parameters the merged vector depends on; accumulators are reusable while they match."""
+        return (self.method, self.density, self.seed)
+
+    def tensor_seed(self, tensor_name: str) -> int:
+        """A per-tensor seed, stable across runs and tensor order."""
+        return (self.seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**31)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MergeParams":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -1,0 +1,48 @@
+"""Incremental TIES: folding models in one at a time equals the batch merge."""
+
+import pytest
+import torch
+
+from mmer_cl.accumulators import TiesAccumulator
+from mmer_cl.expansion import accumulate, expand_tensor
+from mmer_cl.merging import ties, trim
+from mmer_cl.params import MergeParams
+
+
+def random_taus(n, shape=(17, 23), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * (i + 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_incremental_ties_equals_batch_ties(n):
+    taus = random_taus(n, seed=n)
+    acc = TiesAccumulator.zeros(taus[0].shape)
+    for tau in taus:
+        acc = acc.add(trim(tau, 0.3))
+    assert torch.allclose(acc.merged(alpha=0.7), ties(taus, density=0.3, alpha=0.7), atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_expand_tensor_folds_only_the_new_models_into_previous_accumulators(n):
+    taus = random_taus(n, seed=10 + n)
+    params = MergeParams(density=0.25)
+    previous = accumulate(taus[:-1], params.density)
+    incremental = expand_tensor(taus, params, previous=previous, new_from=n - 1)
+    batch = expand_tensor(taus, params)
+    assert torch.allclose(incremental.merged, batch.merged, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(incremental.masks, batch.masks))
+
+
+def test_remove_undoes_add():
+    taus = random_taus(3)
+    acc = accumulate(taus, 0.5)
+    without_last = acc.remove(trim(taus[2], 0.5))
+    assert torch.allclose(without_last.merged(), ties(taus[:2], density=0.5), atol=1e-6)
+    assert torch.equal(without_last.pos_count, accumulate(taus[:2], 0.5).pos_count)
+
+
+def test_accumulator_round_trips_through_a_dict_of_tensors():
+    acc = accumulate(random_taus(2), 0.5)
+    again = TiesAccumulator.from_dict(acc.to_dict())
+    assert torch.equal(again.merged(), acc.merged())

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from mmer_cl.checkpoint import DTYPES
 from mmer_cl.keymap import KeyMap
 from mmer_cl.reconstruct import reconstruct
-from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, atomic_directory
+from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
 
 TensorSource = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int, str], None]
@@ -52,15 +52,16 @@ def reconstructed_tensors(
 
 def write_model(
     out_dir: str | Path,
+    specs: Sequence[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     aux_files: Mapping[str, bytes | Path],
-    total: int | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
 ) -> Path:
-    """Write a Hugging Face style checkpoint directory atomically.
+    """Write a Hugging Face style checkpoint directory atomically, one tensor at a time.
 
+    ``specs`` lists every tensor in the order ``tensors`` yields them;
     ``aux_files`` maps file name -> bytes or a path to copy (config.json,
     tokenizer files, ...).
     """
@@ -71,10 +72,13 @@ def write_model(
                 shutil.copyfile(content, target)
             else:
                 target.write_bytes(content)
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        for i, (name, tensor) in enumerate(tensors, start=1):
-            writer.add(name, tensor)
-            if progress:
-                progress(i, total or 0, name)
-        writer.finish()
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        try:
+            for i, (name, tensor) in enumerate(tensors, start=1):
+                writer.add(name, tensor)
+                if progress:
+                    progress(i, len(specs), name)
+            writer.finish()
+        finally:
+            writer.abort()
     return Path(out_dir)

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from mmer_cl.errors import KeyMappingError
+from mmer_cl.writer import TensorSpec
 
 KNOWN_LLM_PREFIXES: tuple[str, ...] = (
     "model.language_model.", "language_model.model.", "language_model.",
@@ -57,6 +58,7 @@ class KeyMap:
     order: list[str]
     resized: dict[str, int] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def llm_part(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of a checkpoint LLM tensor that line up with the base."""
@@ -72,6 +74,10 @@ class KeyMap:
         """Keys with a modality-side part: modality tensors and resized LLM tensors."""
         return [k for k in self.order if k not in self.llm or k in self.resized]
 
+    def specs(self) -> list[TensorSpec]:
+        """What an export of this checkpoint writes, in order (needs dtypes and shapes)."""
+        return [TensorSpec(k, tuple(self.shapes[k]), self.dtypes[k]) for k in self.order]
+
     def base_to_ckpt(self) -> dict[str, str]:
         return {b: c for c, b in self.llm.items()}
 
@@ -83,13 +89,13 @@ class KeyMap:
 
     def to_json(self) -> str:
         return json.dumps({"llm": self.llm, "modality": self.modality, "order": self.order,
-                           "resized": self.resized, "dtypes": self.dtypes})
+                           "resized": self.resized, "dtypes": self.dtypes, "shapes": self.shapes})
 
     @classmethod
     def from_json(cls, text: str) -> "KeyMap":
         d = json.loads(text)
         return cls(llm=d["llm"], modality=d["modality"], order=d["order"], resized=d.get("resized", {}),
-                   dtypes=d.get("dtypes", {}))
+                   dtypes=d.get("dtypes", {}), shapes=d.get("shapes", {}))
 
 
 def _prefix_stage(keys: Iterable[str], prefixes: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -122,7 +128,8 @@ def map_keys(
     ``base_shapes`` / ``ckpt_shapes`` map tensor name -> shape, in file order.
     ``llm_prefix`` replaces the list of known prefixes. ``float_keys``, when
     ``ckpt_dtypes`` (safetensors dtype codes such as ``BF16``) are recorded
-    for export; only float tensors are merged, integer buffers stay verbatim. Raises :class:`KeyMappingError` with advice when the shapes
+    with the shapes for export; only float tensors are merged, integer
+    buffers stay verbatim. Raises :class:`KeyMappingError` with advice when the shapes
     disagree, no LLM tensor is found, or base tensors are missing.
     """
     base_by_core = {_core(k): k for k in base_shapes}
@@ -175,4 +182,5 @@ def map_keys(
             "llm_prefix / --llm-prefix."
         )
     modality = [k for k in order if k not in llm]
-    return KeyMap(llm=llm, modality=modality, order=order, resized=resized, dtypes=dtypes)
+    shapes = {k: list(v) for k, v in ckpt_shapes.items()}
+    return KeyMap(llm=llm, modality=modality, order=order, resized=resized, dtypes=dtypes, shapes=shapes)

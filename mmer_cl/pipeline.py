@@ -31,7 +31,7 @@ from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.task_vector import task_vector
-from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, atomic_directory
+from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
 
 MANIFEST = "mmer.json"
 FORMAT = "mmer-cl-merge/1"
@@ -70,7 +70,8 @@ def identity_keymap(base: Checkpoint) -> KeyMap:
     """The base read as its own 'fine-tune': every float tensor is LLM, in base order."""
     llm = {n: n for n, i in base.infos.items() if i.is_float}
     return KeyMap(llm=llm, modality=[n for n in base.infos if n not in llm], order=list(base.infos),
-                  dtypes={n: i.dtype for n, i in base.infos.items()})
+                  dtypes={n: i.dtype for n, i in base.infos.items()},
+                  shapes={n: list(i.shape) for n, i in base.infos.items()})
 
 
 def merge_checkpoints(
@@ -100,25 +101,31 @@ def merge_checkpoints(
     total = sum(base.infos[k].numel for k in keys)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "masks").mkdir()
-        merged_writer = ShardedWriter(tmp / "merged", INTERNAL_SHARD_BYTES)
-        mask_writers = [ShardedWriter(tmp / "masks" / m.name, INTERNAL_SHARD_BYTES) for m in models]
+        shapes = [(k, base.infos[k].shape) for k in keys]
+        merged_writer = ShardedWriter(tmp / "merged", [TensorSpec(k, s, "F32") for k, s in shapes],
+                                      INTERNAL_SHARD_BYTES)
+        mask_writers = [ShardedWriter(tmp / "masks" / m.name, [TensorSpec(k, s, "BOOL") for k, s in shapes],
+                                      INTERNAL_SHARD_BYTES) for m in models]
         for w in [merged_writer, *mask_writers]:
             w.directory.mkdir(parents=True)
-        for step, key in enumerate(keys, start=1):
-            base_tensor = base.get(key).to(device)
-            taus = [read_task_vector(base_tensor, m, lk[key]) for m, lk in zip(models, lookups)]
-            result = expand_tensor(taus, params, tensor_name=key)
-            merged_writer.add(key, result.merged)
-            for i, mask in enumerate(result.masks):
-                mask_writers[i].add(key, mask)
-                kept[i] += int(mask.sum())
-                sums[i][0] += result.abs_sums[i][0]
-                sums[i][1] += result.abs_sums[i][1]
-            if progress:
-                progress(step, len(keys), key)
-        for w in [merged_writer, *mask_writers]:
-            w.finish()
+        try:
+            for step, key in enumerate(keys, start=1):
+                base_tensor = base.get(key).to(device)
+                taus = [read_task_vector(base_tensor, m, lk[key]) for m, lk in zip(models, lookups)]
+                result = expand_tensor(taus, params, tensor_name=key)
+                merged_writer.add(key, result.merged)
+                for i, mask in enumerate(result.masks):
+                    mask_writers[i].add(key, mask)
+                    kept[i] += int(mask.sum())
+                    sums[i][0] += result.abs_sums[i][0]
+                    sums[i][1] += result.abs_sums[i][1]
+                if progress:
+                    progress(step, len(keys), key)
+            for w in [merged_writer, *mask_writers]:
+                w.finish()
+        finally:
+            for w in [merged_writer, *mask_writers]:
+                w.abort()
         manifest = {
             "format": FORMAT,
             "base": str(Path(base_path).resolve()),
@@ -174,7 +181,7 @@ def export_modality(merge_dir: str | Path, name: str, out_dir: str | Path, overw
         keymap, base=md.base.get, merged=md.merged.get, mask=masks.get,
         own=lambda k: keymap.modality_part(k, source.get(k)), scale=entry["scale"])
     aux = {p.name: p for p in source.aux_files()}
-    return write_model(out_dir, tensors, aux, total=len(keymap.order), overwrite=overwrite, progress=progress,
+    return write_model(out_dir, keymap.specs(), tensors, aux, overwrite=overwrite, progress=progress,
                        max_shard_bytes=max_shard_bytes or source.shard_bytes() or DEFAULT_SHARD_BYTES)
 
 
@@ -185,5 +192,5 @@ def export_merged_llm(merge_dir: str | Path, out_dir: str | Path, overwrite: boo
     keymap = identity_keymap(md.base)
     tensors = reconstructed_tensors(keymap, base=md.base.get, merged=md.merged.get, mask=None, own=md.base.get)
     aux = {p.name: p for p in md.base.aux_files()}
-    return write_model(out_dir, tensors, aux, total=len(keymap.order), overwrite=overwrite, progress=progress,
+    return write_model(out_dir, keymap.specs(), tensors, aux, overwrite=overwrite, progress=progress,
                        max_shard_bytes=max_shard_bytes or md.base.shard_bytes() or DEFAULT_SHARD_BYTES)

@@ -1,8 +1,11 @@
-"""Writing checkpoints the way Hugging Face does, without holding the model.
+"""Writing checkpoints the way Hugging Face does, one tensor at a time.
 
-:class:`ShardedWriter` buffers tensors until a shard is full, writes it, and
-at the end names the shards ``model-0000k-of-0000n.safetensors`` with a
-``model.safetensors.index.json`` (or a single ``model.safetensors``).
+Every tensor's name, shape and dtype is known before export (from the key
+map), so :class:`ShardedWriter` plans the shards up front, writes each
+shard's safetensors header first and then streams tensor bytes into it:
+memory never holds more than the tensor being written. Shards are named
+``model-0000k-of-0000n.safetensors`` with a ``model.safetensors.index.json``
+(or a single ``model.safetensors``), as ``save_pretrained`` names them.
 :func:`atomic_directory` builds the output beside its destination and renames
 it into place only when complete, so a crash never leaves half a checkpoint.
 """
@@ -12,73 +15,121 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from mmer_cl.checkpoint import INDEX_NAME, SINGLE_NAME
+from mmer_cl.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME
 from mmer_cl.errors import MmerError
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+CODES = {v: k for k, v in DTYPES.items()}
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: name, shape and safetensors dtype code (``F32``, ``BF16``, ``BOOL`` ...)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEM_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Cut ``specs`` (in order) into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: Sequence[TensorSpec]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 class ShardedWriter:
-    """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    """Writes the planned tensors, in plan order, straight into their shard files."""
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, directory: str | Path, specs: Sequence[TensorSpec],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        if not specs:
+            raise MmerError("nothing to write: the checkpoint would contain no tensors")
         self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.files = [self.directory / (SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+                      for i in range(1, n + 1)]
+        self._queue = [(shard_i, spec) for shard_i, shard in enumerate(self.shards) for spec in shard]
+        self._next = 0
+        self._open_shard = -1
+        self._fh: BinaryIO | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name} written twice")
-        size = tensor_bytes(tensor)
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.detach().to("cpu").contiguous()
-        self._buffer_bytes += size
-        self.total_bytes += size
+        if self._next >= len(self._queue):
+            raise MmerError(f"tensor {name} was not planned for this checkpoint")
+        shard_i, spec = self._queue[self._next]
+        if name != spec.name:
+            raise MmerError(f"tensors out of order: expected {spec.name}, got {name}")
+        got = CODES.get(tensor.dtype)
+        if tuple(tensor.shape) != spec.shape or got != spec.dtype:
+            raise MmerError(f"tensor {name} is {got}{list(tensor.shape)}, planned as {spec.dtype}{list(spec.shape)}")
+        if shard_i != self._open_shard:
+            self._close_shard()
+            self._fh = open(self.files[shard_i], "wb")
+            self._fh.write(_header(self.shards[shard_i]))
+            self._open_shard = shard_i
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._next += 1
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self.directory / f".shard-{len(self._shards):05d}.tmp"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+    def _close_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
 
     def finish(self) -> list[Path]:
-        """Write what is buffered, give the shards their final names, write the index."""
-        self._flush()
-        n = len(self._shards)
-        if n == 0:
-            raise MmerError("nothing to write: the checkpoint would contain no tensors")
-        if n == 1:
-            final = self.directory / SINGLE_NAME
-            os.replace(self._shards[0][0], final)
-            return [final]
-        weight_map: dict[str, str] = {}
-        files = []
-        for i, (tmp, names) in enumerate(self._shards, start=1):
-            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, final)
-            files.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return files
+        """Close the last shard and write the index; every planned tensor must have been added."""
+        if self._next != len(self._queue):
+            missing = self._queue[self._next][1].name
+            raise MmerError(f"checkpoint incomplete: tensor {missing} and after were never written")
+        self._close_shard()
+        if len(self.files) > 1:
+            weight_map = {spec.name: f.name for f, shard in zip(self.files, self.shards) for spec in shard}
+            total = sum(spec.nbytes for shard in self.shards for spec in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return self.files
+
+    def abort(self) -> None:
+        self._close_shard()
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,8 +76,11 @@ def measure(layers: int, tensor_mb: int, models: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = build(root, layers, tensor_mb, models)
+        # A fixed mmap threshold makes glibc return every large tensor's memory when it is
+        # freed, so peak RSS shows what was alive at once, not heap fragmentation.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
         out = subprocess.run([sys.executable, "-c", CHILD, str(paths[0]), str(root / "merge"), *map(str, paths[1:])],
-                             check=True, capture_output=True, text=True)
+                             check=True, capture_output=True, text=True, env=env)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     model_mib = layers * tensor_mb
     return {"layers": layers, "tensor_mib": tensor_mb, "models": models, "model_mib": model_mib,

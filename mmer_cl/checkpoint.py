@@ -157,7 +157,3 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
-
-    def shard_bytes(self) -> int | None:
-        """The largest shard's size when sharded (to shard an export the same way), else None."""
-        return max(f.stat().st_size for f in self.files) if len(self.files) > 1 else None

@@ -50,6 +50,12 @@ def reconstructed_tensors(
         yield key, t
 
 
+def layout_of(keymap: KeyMap, max_shard_bytes: int | None) -> dict:
+    """:func:`write_model` arguments: the original shard layout, unless a shard size is asked for."""
+    groups = None if max_shard_bytes else keymap.shard_groups()
+    return {"specs": keymap.specs(), "groups": groups, "max_shard_bytes": max_shard_bytes or DEFAULT_SHARD_BYTES}
+
+
 def write_model(
     out_dir: str | Path,
     specs: Sequence[TensorSpec],
@@ -58,10 +64,12 @@ def write_model(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """Write a Hugging Face style checkpoint directory atomically, one tensor at a time.
 
     ``specs`` lists every tensor in the order ``tensors`` yields them;
+    ``groups`` (tensor names per shard) reproduces a known shard layout;
     ``aux_files`` maps file name -> bytes or a path to copy (config.json,
     tokenizer files, ...).
     """
@@ -72,7 +80,7 @@ def write_model(
                 shutil.copyfile(content, target)
             else:
                 target.write_bytes(content)
-        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        writer = ShardedWriter(tmp, specs, max_shard_bytes, groups)
         try:
             for i, (name, tensor) in enumerate(tensors, start=1):
                 writer.add(name, tensor)

@@ -59,6 +59,7 @@ class KeyMap:
     resized: dict[str, int] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     def llm_part(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of a checkpoint LLM tensor that line up with the base."""
@@ -78,6 +79,15 @@ class KeyMap:
         """What an export of this checkpoint writes, in order (needs dtypes and shapes)."""
         return [TensorSpec(k, tuple(self.shapes[k]), self.dtypes[k]) for k in self.order]
 
+    def shard_groups(self) -> list[list[str]] | None:
+        """Keys grouped by the shard file they came from, in key order (None if unknown)."""
+        if not self.files or set(self.files) != set(self.order):
+            return None
+        groups: dict[str, list[str]] = {}
+        for key in self.order:
+            groups.setdefault(self.files[key], []).append(key)
+        return list(groups.values())
+
     def base_to_ckpt(self) -> dict[str, str]:
         return {b: c for c, b in self.llm.items()}
 
@@ -89,13 +99,14 @@ class KeyMap:
 
     def to_json(self) -> str:
         return json.dumps({"llm": self.llm, "modality": self.modality, "order": self.order,
-                           "resized": self.resized, "dtypes": self.dtypes, "shapes": self.shapes})
+                           "resized": self.resized, "dtypes": self.dtypes, "shapes": self.shapes,
+                           "files": self.files})
 
     @classmethod
     def from_json(cls, text: str) -> "KeyMap":
         d = json.loads(text)
         return cls(llm=d["llm"], modality=d["modality"], order=d["order"], resized=d.get("resized", {}),
-                   dtypes=d.get("dtypes", {}), shapes=d.get("shapes", {}))
+                   dtypes=d.get("dtypes", {}), shapes=d.get("shapes", {}), files=d.get("files", {}))
 
 
 def _prefix_stage(keys: Iterable[str], prefixes: Sequence[str]) -> tuple[dict[str, str], list[str]]:

@@ -25,13 +25,13 @@ from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
 from mmer_cl.expansion import expand_tensor
-from mmer_cl.export import Progress, reconstructed_tensors, write_model
+from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_model
 from mmer_cl.keymap import KeyMap, map_keys
 from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.task_vector import task_vector
-from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
+from mmer_cl.writer import ShardedWriter, TensorSpec, atomic_directory
 
 MANIFEST = "mmer.json"
 FORMAT = "mmer-cl-merge/1"
@@ -52,11 +52,19 @@ def base_llm_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
     return {n: i.shape for n, i in base.infos.items() if i.is_float}
 
 
+def map_checkpoint(base_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
+                   llm_prefix: str | None = None) -> KeyMap:
+    """:func:`map_keys` for an opened checkpoint, recording dtypes, shapes and shard files for export."""
+    keymap = map_keys(base_shapes, {n: i.shape for n, i in ckpt.infos.items()}, llm_prefix=llm_prefix,
+                      ckpt_dtypes={n: i.dtype for n, i in ckpt.infos.items()})
+    keymap.files = {n: i.file.name for n, i in ckpt.infos.items()}
+    return keymap
+
+
 def prepare_model(base: Checkpoint, path: str | Path, name: str | None = None,
                   llm_prefix: str | None = None) -> PreparedModel:
     ckpt = Checkpoint(path)
-    keymap = map_keys(base_llm_shapes(base), {n: i.shape for n, i in ckpt.infos.items()},
-                      llm_prefix=llm_prefix, ckpt_dtypes={n: i.dtype for n, i in ckpt.infos.items()})
+    keymap = map_checkpoint(base_llm_shapes(base), ckpt, llm_prefix)
     return PreparedModel(validate_name(name or Path(path).name, "model name"), ckpt, keymap)
 
 
@@ -71,7 +79,8 @@ def identity_keymap(base: Checkpoint) -> KeyMap:
     llm = {n: n for n, i in base.infos.items() if i.is_float}
     return KeyMap(llm=llm, modality=[n for n in base.infos if n not in llm], order=list(base.infos),
                   dtypes={n: i.dtype for n, i in base.infos.items()},
-                  shapes={n: list(i.shape) for n, i in base.infos.items()})
+                  shapes={n: list(i.shape) for n, i in base.infos.items()},
+                  files={n: i.file.name for n, i in base.infos.items()})
 
 
 def merge_checkpoints(
@@ -170,7 +179,7 @@ def export_modality(merge_dir: str | Path, name: str, out_dir: str | Path, overw
                     progress: Progress | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write model ``name`` reconstructed (``base + mask * merged``) in its own checkpoint layout.
 
-    Shards are cut like the original's unless ``max_shard_bytes`` is given.
+    Shards hold the same tensors as the original's unless ``max_shard_bytes`` is given.
     """
     md = MergeDirectory(merge_dir)
     entry = md.model(name)
@@ -181,8 +190,8 @@ def export_modality(merge_dir: str | Path, name: str, out_dir: str | Path, overw
         keymap, base=md.base.get, merged=md.merged.get, mask=masks.get,
         own=lambda k: keymap.modality_part(k, source.get(k)), scale=entry["scale"])
     aux = {p.name: p for p in source.aux_files()}
-    return write_model(out_dir, keymap.specs(), tensors, aux, overwrite=overwrite, progress=progress,
-                       max_shard_bytes=max_shard_bytes or source.shard_bytes() or DEFAULT_SHARD_BYTES)
+    return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
+                       **layout_of(keymap, max_shard_bytes))
 
 
 def export_merged_llm(merge_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
@@ -192,5 +201,5 @@ def export_merged_llm(merge_dir: str | Path, out_dir: str | Path, overwrite: boo
     keymap = identity_keymap(md.base)
     tensors = reconstructed_tensors(keymap, base=md.base.get, merged=md.merged.get, mask=None, own=md.base.get)
     aux = {p.name: p for p in md.base.aux_files()}
-    return write_model(out_dir, keymap.specs(), tensors, aux, overwrite=overwrite, progress=progress,
-                       max_shard_bytes=max_shard_bytes or md.base.shard_bytes() or DEFAULT_SHARD_BYTES)
+    return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
+                       **layout_of(keymap, max_shard_bytes))

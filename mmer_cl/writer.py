@@ -77,11 +77,18 @@ class ShardedWriter:
     """Writes the planned tensors, in plan order, straight into their shard files."""
 
     def __init__(self, directory: str | Path, specs: Sequence[TensorSpec],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, groups: Sequence[Sequence[str]] | None = None):
+        """``groups`` (names per shard) reproduces a known layout; otherwise shards are cut by size."""
         if not specs:
             raise MmerError("nothing to write: the checkpoint would contain no tensors")
         self.directory = Path(directory)
-        self.shards = plan_shards(specs, max_shard_bytes)
+        if groups is not None:
+            by_name = {s.name: s for s in specs}
+            self.shards = [[by_name[n] for n in g] for g in groups]
+            if sorted(s.name for sh in self.shards for s in sh) != sorted(by_name):
+                raise MmerError("the shard groups do not cover the planned tensors exactly once")
+        else:
+            self.shards = plan_shards(specs, max_shard_bytes)
         n = len(self.shards)
         self.files = [self.directory / (SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
                       for i in range(1, n + 1)]

@@ -1,0 +1,7 @@
+"""Content-addressed, checksummed blob storage and tensor codecs. Knows nothing of models."""
+
+from storage.blobstore import Batch, BlobError, BlobStore, GcResult, sha256
+from storage.codecs import CodecError, decode, encode, encode_with, header_of
+
+__all__ = ["Batch", "BlobError", "BlobStore", "CodecError", "GcResult", "decode", "encode", "encode_with",
+           "header_of", "sha256"]

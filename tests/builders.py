@@ -30,7 +30,7 @@ def save_base(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **c
     return model
 
 
-def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.005) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():

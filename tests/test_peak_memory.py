@@ -12,8 +12,10 @@ import peak_memory  # noqa: E402
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_tensors():
-    small = peak_memory.measure(layers=2, tensor_mb=4, models=2)
-    large = peak_memory.measure(layers=24, tensor_mb=4, models=2)
+    # Both sizes are past the allocator's warm-up (a few tensors); the larger model
+    # is 5x the smaller (128 MiB more per checkpoint, three checkpoints read).
+    small = peak_memory.measure(layers=8, tensor_mb=4, models=2)
+    large = peak_memory.measure(layers=40, tensor_mb=4, models=2)
     growth = large["peak_above_baseline_mib"] - small["peak_above_baseline_mib"]
-    extra_model_size = large["model_mib"] - small["model_mib"]  # 88 MiB more per model, 3 checkpoints
+    extra_model_size = large["model_mib"] - small["model_mib"]
     assert growth < 0.25 * extra_model_size, (small, large)

@@ -1,0 +1,450 @@
+"""The ``mmer`` command line: a thin layer over :class:`mmer_cl.store.Store`.
+
+Exit codes: 0 success, 1 failure (damage found, an unexpected error),
+2 bad usage or bad input (the message says what to fix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from mmer_cl.errors import MmerError
+from mmer_cl.params import MergeParams
+from mmer_cl.report import format_report, human_bytes
+from mmer_cl.store import Store
+from registry import RegistryError
+from storage import BlobError
+
+ENV_STORE = "MMER_STORE"
+DEFAULT_STORE = "mmer-store"
+
+
+class Progress:
+    """A click progress bar on stderr, created on first use, hidden with --quiet."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.quiet, self.bar, self.done = label, quiet, None, 0
+
+    def __call__(self, step: int, total: int, item: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(step - self.done)
+        self.done = step
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return obj
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(_jsonable(obj), indent=2))
+
+
+@dataclasses.dataclass
+class Ctx:
+    store_path: Path
+    actor: str | None
+    db_url: str | None
+    quiet: bool
+
+    def open(self) -> Store:
+        return Store.open(self.store_path, url=self.db_url)
+
+    def progress(self, label: str) -> Progress:
+        return Progress(label, self.quiet)
+
+
+class MmerGroup(click.Group):
+    """Turns the project's exceptions into messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (MmerError, RegistryError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except BlobError as exc:
+            click.echo(f"failure: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=MmerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--store", "store_path", type=click.Path(path_type=Path), envvar=ENV_STORE, default=DEFAULT_STORE,
+              show_default=True, help=f"Store directory (or set {ENV_STORE}).")
+@click.option("--actor", envvar="MMER_ACTOR", help="Who is acting, for the audit log (default: $MMER_ACTOR or "
+              "your user name).")
+@click.option("--db-url", envvar="MMER_DB_URL", help="SQLAlchemy URL of the registry (default: SQLite in the store).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="mmer-cl")
+@click.pass_context
+def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, quiet: bool) -> None:
+    """mmer: give one base LLM many modalities, without training (MMER).
+
+    Fine-tuned multimodal models of one base are registered into a store;
+    `expand` merges their LLM task vectors and computes a binary mask per
+    model, so each modality runs on base + mask * merged with its own
+    encoder. Every expansion is an immutable version you can roll back to.
+
+    \b
+    Typical session:
+      mmer --store my-store init --base ./llama-base
+      mmer --store my-store register ./llava-vision --name vision --modality vision
+      mmer --store my-store register ./llava-audio --name audio --modality audio
+      mmer --store my-store expand
+      mmer --store my-store export --entry vision out/vision
+      mmer --store my-store report
+    """
+    ctx.obj = Ctx(store_path, actor, db_url, quiet)
+
+
+@cli.command()
+@click.option("--base", "base_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The base LLM checkpoint directory (safetensors).")
+@click.option("--name", help="A name for the base (default: its directory name).")
+@click.pass_obj
+def init(obj: Ctx, base_path: Path, name: str | None) -> None:
+    """Create a store for one base LLM (or add another base to a store).
+
+    The base is referenced by path, not copied; its tensors' checksums are
+    recorded, and every later read is checked against them.
+
+    \b
+    Example:
+      mmer --store my-store init --base ./llama-base --name llama
+    """
+    with obj.progress("fingerprinting base") as bar:
+        store = Store.init(obj.store_path, base_path, base_name=name, actor=obj.actor, url=obj.db_url, progress=bar)
+    b = store.registry.bases()[-1]
+    click.echo(f"initialised {obj.store_path} with base {b.name!r} ({b.fingerprint[:12]})")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", required=True, help="Entry name (letters, digits, . _ -).")
+@click.option("--modality", required=True, help="vision, audio, video, text, ...")
+@click.option("--task", default="default", show_default=True, help="What it was fine-tuned for.")
+@click.option("--llm-prefix", help="Prefix of the LLM tensors when not a known one (e.g. 'decoder.').")
+@click.option("--max-change", type=float, default=0.5, show_default=True,
+              help="Refuse when ||theta - theta_0|| / ||theta_0|| exceeds this (likely another base).")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, llm_prefix: str | None,
+             max_change: float, base: str | None) -> None:
+    """Record a fine-tuned multimodal checkpoint as a new entry.
+
+    Stores its LLM task vector (fine-tuned minus base), its encoder/projector
+    and its config files, compressed; the source may be deleted afterwards.
+    Registering the same checkpoint again is recognised and changes nothing.
+    Run `expand` afterwards to merge it in.
+
+    \b
+    Example:
+      mmer register ./llava-vision --name vision --modality vision --task vqa
+    """
+    with obj.open() as store, obj.progress(f"registering {name}") as bar:
+        result = store.register(checkpoint, name, modality, task, llm_prefix=llm_prefix, base=base,
+                                actor=obj.actor, max_relative_change=max_change, progress=bar)
+    if not result.created:
+        click.echo(f"already registered as entry {result.entry.name!r}; nothing changed")
+        return
+    click.echo(f"registered {name!r} ({modality}/{task}): {result.keymap_summary}; "
+               f"relative change {result.entry.stats['relative_change']:.4f}")
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(["ties", "task_arithmetic", "average", "dare_ties"]),
+              help="Merge of the task vectors [default: the current version's, else ties].")
+@click.option("--density", type=float, help="Fraction kept by trimming (ties, dare_ties) [0.2].")
+@click.option("--alpha", type=float, help="Scale of the merged vector [1.0].")
+@click.option("--mask-rule", type=click.Choice(["mmer", "emr", "consensus"]), help="Mask rule [mmer].")
+@click.option("--lambda", "lam", type=float, help="lambda of the mmer rule; smaller keeps more [1.0].")
+@click.option("--k", type=int, help="Models that must agree, for consensus [2].")
+@click.option("--seed", type=int, help="Seed of dare_ties [0].")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
+@click.pass_obj
+def expand(obj: Ctx, base: str | None, as_json: bool, **overrides) -> None:
+    """Merge all registered entries into a new version and make it current.
+
+    With ties and unchanged merge parameters, only the entries added since
+    the current version are folded into its stored accumulators; every
+    entry's mask is recomputed, so earlier modalities stay retained.
+
+    \b
+    Examples:
+      mmer expand
+      mmer expand --density 0.3 --lambda 0.8
+    """
+    with obj.open() as store:
+        current = store.registry.version(store.base(base).id)
+        start = MergeParams.from_dict(current.params) if current else MergeParams()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        params = MergeParams(**{**start.to_dict(), **given})
+        with obj.progress("expanding") as bar:
+            result = store.expand(params, base=base, actor=obj.actor, progress=bar)
+    v = result.version
+    if as_json:
+        emit_json({"created": result.created, "incremental": result.incremental, "version": v})
+        return
+    if not result.created:
+        click.echo(f"version {v.number} is already current with these entries and parameters; nothing to do")
+        return
+    how = "incrementally" if result.incremental else "from all task vectors"
+    click.echo(f"version {v.number} ({how}): " + ", ".join(
+        f"{m.entry_name} mask {m.mask_density:.1%}" for m in v.members))
+
+
+@cli.command()
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def versions(obj: Ctx, base: str | None, as_json: bool) -> None:
+    """List versions, their parameters and members; * marks current.
+
+    \b
+    Example:
+      mmer versions --json
+    """
+    with obj.open() as store:
+        vs = store.versions(base)
+    if as_json:
+        emit_json(vs)
+        return
+    if not vs:
+        click.echo("no versions yet; run `mmer expand`")
+    for v in vs:
+        mark = "*" if "current" in v.aliases else " "
+        p = v.params
+        click.echo(f"{mark} v{v.number}  {v.created_at:%Y-%m-%d %H:%M}  {v.created_by:<10} {p['method']} "
+                   f"d={p['density']} a={p['alpha']} {p['mask_rule']} l={p['lam']}  "
+                   f"[{', '.join(m.entry_name for m in v.members)}]"
+                   f"{'  incremental' if v.details.get('incremental') else ''}")
+
+
+@cli.command()
+@click.option("--all", "include_removed", is_flag=True, help="Include removed entries.")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def entries(obj: Ctx, include_removed: bool, base: str | None, as_json: bool) -> None:
+    """List registered entries.
+
+    \b
+    Example:
+      mmer entries --all
+    """
+    with obj.open() as store:
+        es = store.entries(include_removed, base)
+    if as_json:
+        emit_json(es)
+        return
+    for e in es:
+        state = "" if e.active else "  (removed)"
+        click.echo(f"{e.name:<16}{e.modality:<10}{e.task:<14}{e.created_at:%Y-%m-%d %H:%M}  {e.source_path}{state}")
+
+
+@cli.command()
+@click.argument("version", type=int)
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def rollback(obj: Ctx, version: int, base: str | None) -> None:
+    """Make VERSION current again. Nothing is deleted; you can roll forward too.
+
+    \b
+    Example:
+      mmer rollback 2
+    """
+    with obj.open() as store:
+        before, after = store.rollback(version, base=base, actor=obj.actor)
+    click.echo(f"current: {before} -> {after}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def remove(obj: Ctx, name: str, base: str | None) -> None:
+    """Remove an entry: a new version without it becomes current.
+
+    Earlier versions keep it, so a rollback brings it back.
+
+    \b
+    Example:
+      mmer remove audio
+    """
+    with obj.open() as store, obj.progress("re-merging") as bar:
+        v = store.remove(name, base=base, actor=obj.actor, progress=bar)
+    click.echo(f"removed {name!r}; " + (f"version {v.number} is current" if v else "no entries left"))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--entry", "-e", help="The entry (modality model) to reconstruct.")
+@click.option("--text", is_flag=True, help="Export the merged text-only LLM (base + merged) instead.")
+@click.option("--version", "version", help="Version number or alias [current].")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--max-shard-size", help="Largest shard, e.g. 500MB, 5GB [like the registered checkpoint].")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str | None, force: bool,
+           max_shard_size: str | None, base: str | None) -> None:
+    """Write a runnable checkpoint: an entry's base + mask * merged, or the merged text LLM.
+
+    The entry is written in its own original layout (config, tokenizer and
+    encoder copied), so `from_pretrained` of its original class loads it.
+
+    \b
+    Examples:
+      mmer export --entry vision out/vision
+      mmer export --entry vision --version 1 out/vision-v1
+      mmer export --text out/text-llm
+    """
+    if bool(entry) == text:
+        raise click.UsageError("give exactly one of --entry NAME or --text")
+    shard = parse_size(max_shard_size) if max_shard_size else None
+    with obj.open() as store, obj.progress("exporting") as bar:
+        if text:
+            store.export_text(out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
+                              progress=bar)
+        else:
+            store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
+                         progress=bar)
+    click.echo(f"wrote {out_dir}")
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise click.BadParameter(f"cannot read size {text!r}; write it like 500MB or 5GB")
+
+
+@cli.command()
+@click.option("--version", "version", help="Version number or alias [current].")
+@click.option("--ranks", default="8,16,64", show_default=True, help="LoRA ranks to compare against.")
+@click.option("--no-svd", is_flag=True, help="Skip the SVD fidelity comparison (slow on big models).")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool) -> None:
+    """Storage cost of a version against full copies and LoRA adapters.
+
+    Reports bytes on disk of the merged vector, accumulators, each mask
+    (density, bits per parameter and the entropy bound H(density)) and each
+    modality side; against N full fine-tuned copies and N LoRA adapters of
+    each rank on all linear layers; and the relative error of LoRA extracted
+    from each task vector by SVD next to MMER's own.
+
+    \b
+    Example:
+      mmer report --ranks 8,64 --json
+    """
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"ranks must be integers separated by commas, got {ranks!r}")
+    with obj.open() as store, obj.progress("measuring") as bar:
+        r = store.report(version, base, rank_list, svd=not no_svd, progress=bar)
+    emit_json(r) if as_json else click.echo(format_report(r))
+
+
+@cli.command()
+@click.option("--check-base", is_flag=True, help="Also re-hash every base tensor at its source path.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
+    """Verify every blob's checksum and every row's references.
+
+    Exits 1 and names each damaged or missing blob with the entries and
+    versions it breaks. See `mmer history` for who did what when.
+
+    \b
+    Example:
+      mmer audit --check-base
+    """
+    with obj.open() as store, obj.progress("verifying") as bar:
+        rep = store.audit(check_base=check_base, progress=bar)
+    if as_json:
+        emit_json({"ok": rep.ok, **_jsonable(rep)})
+    else:
+        for d in rep.damaged:
+            click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {', '.join(d.owners)}")
+        for p in rep.dangling + rep.base_problems:
+            click.echo(f"PROBLEM {p}")
+        if rep.ok:
+            click.echo(f"ok: {rep.checked} blobs verified" +
+                       (f"; {rep.unreferenced} unreferenced (run `mmer gc`)" if rep.unreferenced else ""))
+    if not rep.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--limit", type=int, help="Only the last N events.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def history(obj: Ctx, limit: int | None, as_json: bool) -> None:
+    """Print the audit log: who did what, when, before -> after.
+
+    \b
+    Example:
+      mmer history --limit 20
+    """
+    with obj.open() as store:
+        events = store.history(limit)
+    if as_json:
+        emit_json(events)
+        return
+    for e in events:
+        click.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<10} {e.action:<9} {e.subject:<18} "
+                   f"{e.before or '-'} -> {e.after or '-'}")
+
+
+@cli.command()
+@click.pass_obj
+def gc(obj: Ctx) -> None:
+    """Delete blobs that no entry or version references (left by crashes).
+
+    \b
+    Example:
+      mmer gc
+    """
+    with obj.open() as store:
+        result = store.gc(obj.actor)
+    click.echo(f"removed {result.removed} blobs ({human_bytes(result.freed_bytes)}), "
+               f"{result.temp_files} temp files")
+
+
+def main() -> None:
+    cli(prog_name="mmer")
+
+
+if __name__ == "__main__":
+    main()

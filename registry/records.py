@@ -1,0 +1,91 @@
+"""Plain records the registry hands out (never live ORM objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A row pointing at a blob: what it is (role, key, entry) and its sizes."""
+
+    role: str
+    key: str
+    digest: str
+    stored_bytes: int
+    raw_bytes: int
+    entry_id: int | None = None
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    id: int
+    name: str
+    source_path: str
+    fingerprint: str
+    created_at: datetime
+    created_by: str
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    id: int
+    name: str
+    modality: str
+    task: str
+    source_path: str
+    fingerprint: str
+    keymap: str
+    stats: dict
+    created_at: datetime
+    created_by: str
+    removed_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.removed_at is None
+
+
+@dataclass(frozen=True)
+class Member:
+    entry_id: int
+    entry_name: str
+    position: int
+    scale: float
+    mask_density: float
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    id: int
+    number: int
+    params: dict
+    details: dict
+    created_at: datetime
+    created_by: str
+    members: list[Member] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+
+    def member(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.entry_name == name), None)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    before: str
+    after: str
+    details: dict

@@ -1,0 +1,327 @@
+"""The modality registry: bases, entries, immutable versions, aliases, audit log.
+
+SQLite by default (WAL journal, busy timeout, foreign keys on); any
+SQLAlchemy URL works. Every state change writes its audit event in the same
+transaction. Knows nothing of tensors: blobs are digests with sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+                              VersionRecord)
+from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
+                             EntryBlobRow, EntryRow, EventRow, Meta, VersionBlobRow, VersionMemberRow, VersionRow,
+                             utcnow)
+
+CURRENT = "current"
+BUSY_TIMEOUT_MS = 30_000
+
+
+class RegistryError(Exception):
+    """A registry lookup or change cannot be done; the message says what to do."""
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path)}"
+
+
+class Registry:
+    """All reads and writes of the registry database."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "sqlite":
+                for trigger in APPEND_ONLY_TRIGGERS:
+                    conn.execute(text(trigger))
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        with Session(self.engine) as s, s.begin():
+            row = s.get(Meta, "schema_version")
+            if row is None:
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row.value) > SCHEMA_VERSION:
+                raise RegistryError(f"this registry has schema version {row.value}, newer than this mmer-cl "
+                                    f"understands ({SCHEMA_VERSION}); upgrade mmer-cl")
+
+    def schema_version(self) -> int:
+        with Session(self.engine) as s:
+            return int(s.get(Meta, "schema_version").value)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @staticmethod
+    def _event(s: Session, actor: str, action: str, subject: str, before: str, after: str,
+               details: dict | None = None) -> None:
+        s.add(EventRow(actor=actor, action=action, subject=subject, before=before, after=after,
+                       details=json.dumps(details or {}), at=utcnow()))
+
+    # ---- bases ---------------------------------------------------------------------------
+    def add_base(self, name: str, source_path: str, fingerprint: str, tensors: Sequence[BaseTensor],
+                 actor: str) -> BaseRecord:
+        with self._tx() as s:
+            if s.scalar(select(BaseModelRow).where(BaseModelRow.name == name)):
+                raise RegistryError(f"a base model named {name!r} is already in this store")
+            row = BaseModelRow(name=name, source_path=source_path, fingerprint=fingerprint, created_by=actor,
+                               created_at=utcnow())
+            s.add(row)
+            s.flush()
+            s.add_all(BaseTensorRow(base_id=row.id, position=i, name=t.name, shape=json.dumps(list(t.shape)),
+                                    dtype=t.dtype, sha256=t.sha256) for i, t in enumerate(tensors))
+            s.add(AliasRow(base_id=row.id, name=CURRENT, version_id=None))
+            self._event(s, actor, "init", f"base {name}", "", fingerprint[:12],
+                        {"source": source_path, "tensors": len(tensors)})
+            return self._base_record(row)
+
+    @staticmethod
+    def _base_record(row: BaseModelRow) -> BaseRecord:
+        return BaseRecord(row.id, row.name, row.source_path, row.fingerprint, row.created_at, row.created_by)
+
+    def base(self, name: str | None = None) -> BaseRecord:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(BaseModelRow).order_by(BaseModelRow.id)).all()
+            if name is not None:
+                rows = [r for r in rows if r.name == name]
+                if not rows:
+                    raise RegistryError(f"no base model named {name!r} in this store")
+            if not rows:
+                raise RegistryError("this store has no base model yet; run `mmer init --base PATH` first")
+            if len(rows) > 1:
+                raise RegistryError(f"this store has several base models ({', '.join(r.name for r in rows)}); "
+                                    "name one with --base")
+            return self._base_record(rows[0])
+
+    def bases(self) -> list[BaseRecord]:
+        with Session(self.engine) as s:
+            return [self._base_record(r) for r in s.scalars(select(BaseModelRow).order_by(BaseModelRow.id))]
+
+    def base_tensors(self, base_id: int) -> list[BaseTensor]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(BaseTensorRow).where(BaseTensorRow.base_id == base_id)
+                             .order_by(BaseTensorRow.position))
+            return [BaseTensor(r.name, tuple(json.loads(r.shape)), r.dtype, r.sha256) for r in rows]
+
+    # ---- entries -------------------------------------------------------------------------
+    @staticmethod
+    def _entry_record(row: EntryRow) -> EntryRecord:
+        return EntryRecord(row.id, row.name, row.modality, row.task, row.source_path, row.fingerprint, row.keymap,
+                           json.loads(row.stats), row.created_at, row.created_by, row.removed_at)
+
+    def add_entry(self, base_id: int, name: str, modality: str, task: str, source_path: str, fingerprint: str,
+                  keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str) -> EntryRecord:
+        with self._tx() as s:
+            if s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name)):
+                raise RegistryError(f"an entry named {name!r} already exists (names stay taken after removal, "
+                                    "so history stays readable); choose another name")
+            row = EntryRow(base_id=base_id, name=name, modality=modality, task=task, source_path=source_path,
+                           fingerprint=fingerprint, keymap=keymap, stats=json.dumps(stats), created_by=actor,
+                           created_at=utcnow())
+            s.add(row)
+            s.flush()
+            s.add_all(EntryBlobRow(entry_id=row.id, role=b.role, key=b.key, digest=b.digest,
+                                   stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
+            self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
+                        {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs)})
+            return self._entry_record(row)
+
+    def entries(self, base_id: int, include_removed: bool = False) -> list[EntryRecord]:
+        with Session(self.engine) as s:
+            q = select(EntryRow).where(EntryRow.base_id == base_id).order_by(EntryRow.id)
+            if not include_removed:
+                q = q.where(EntryRow.removed_at.is_(None))
+            return [self._entry_record(r) for r in s.scalars(q)]
+
+    def entry(self, base_id: int, name: str) -> EntryRecord:
+        with Session(self.engine) as s:
+            row = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name))
+            if row is None:
+                names = [r.name for r in s.scalars(select(EntryRow).where(EntryRow.base_id == base_id))]
+                raise RegistryError(f"no entry named {name!r}; registered: {', '.join(names) or 'none'}")
+            return self._entry_record(row)
+
+    def entry_by_fingerprint(self, base_id: int, fingerprint: str) -> EntryRecord | None:
+        with Session(self.engine) as s:
+            row = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.fingerprint == fingerprint,
+                                                  EntryRow.removed_at.is_(None)))
+            return self._entry_record(row) if row else None
+
+    def entry_blobs(self, entry_id: int, role: str | None = None) -> list[BlobRef]:
+        with Session(self.engine) as s:
+            q = select(EntryBlobRow).where(EntryBlobRow.entry_id == entry_id).order_by(EntryBlobRow.id)
+            if role:
+                q = q.where(EntryBlobRow.role == role)
+            return [BlobRef(r.role, r.key, r.digest, r.stored_bytes, r.raw_bytes, r.entry_id) for r in s.scalars(q)]
+
+    # ---- versions ------------------------------------------------------------------------
+    def add_version(self, base_id: int, params: dict, details: dict, members: Sequence[Member],
+                    blobs: Sequence[BlobRef], actor: str, remove_entry: str | None = None) -> VersionRecord:
+        """Write a new version, move ``current`` to it, and log it, in one transaction.
+
+        ``remove_entry`` marks that entry removed in the same transaction.
+        """
+        with self._tx() as s:
+            number = (s.scalar(select(func.max(VersionRow.number)).where(VersionRow.base_id == base_id)) or 0) + 1
+            alias = self._alias_row(s, base_id, CURRENT)
+            before = self._alias_label(s, alias)
+            if remove_entry is not None:
+                self._mark_removed(s, base_id, remove_entry, actor)
+            row = VersionRow(base_id=base_id, number=number, params=json.dumps(params), details=json.dumps(details),
+                             created_by=actor, created_at=utcnow())
+            s.add(row)
+            s.flush()
+            s.add_all(VersionMemberRow(version_id=row.id, entry_id=m.entry_id, position=m.position, scale=m.scale,
+                                       mask_density=m.mask_density) for m in members)
+            s.add_all(VersionBlobRow(version_id=row.id, role=b.role, entry_id=b.entry_id, key=b.key, digest=b.digest,
+                                     stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
+            alias.version_id = row.id
+            self._event(s, actor, "expand", f"version {number}", before, f"v{number}",
+                        {"members": [m.entry_name for m in members], **details})
+            return VersionRecord(row.id, number, params, details, row.created_at, actor, list(members), [CURRENT])
+
+    def remove_entry_without_version(self, base_id: int, name: str, actor: str) -> None:
+        """Mark the last entry removed; ``current`` then points at no version."""
+        with self._tx() as s:
+            self._mark_removed(s, base_id, name, actor)
+            alias = self._alias_row(s, base_id, CURRENT)
+            before = self._alias_label(s, alias)
+            alias.version_id = None
+            self._event(s, actor, "alias", CURRENT, before, "none", {"reason": f"entry {name} removed"})
+
+    def _mark_removed(self, s: Session, base_id: int, name: str, actor: str) -> None:
+        row = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name))
+        if row is None or row.removed_at is not None:
+            raise RegistryError(f"no active entry named {name!r}")
+        row.removed_at = utcnow()
+        self._event(s, actor, "remove", f"entry {name}", "active", "removed", {})
+
+    @staticmethod
+    def _alias_row(s: Session, base_id: int, name: str) -> AliasRow:
+        alias = s.scalar(select(AliasRow).where(AliasRow.base_id == base_id, AliasRow.name == name))
+        if alias is None:
+            alias = AliasRow(base_id=base_id, name=name, version_id=None)
+            s.add(alias)
+            s.flush()
+        return alias
+
+    @staticmethod
+    def _alias_label(s: Session, alias: AliasRow) -> str:
+        if alias.version_id is None:
+            return "none"
+        return f"v{s.get(VersionRow, alias.version_id).number}"
+
+    def _version_record(self, s: Session, row: VersionRow) -> VersionRecord:
+        members = []
+        for m in s.scalars(select(VersionMemberRow).where(VersionMemberRow.version_id == row.id)
+                           .order_by(VersionMemberRow.position)):
+            members.append(Member(m.entry_id, s.get(EntryRow, m.entry_id).name, m.position, m.scale, m.mask_density))
+        aliases = list(s.scalars(select(AliasRow.name).where(AliasRow.version_id == row.id)))
+        return VersionRecord(row.id, row.number, json.loads(row.params), json.loads(row.details), row.created_at,
+                             row.created_by, members, aliases)
+
+    def versions(self, base_id: int) -> list[VersionRecord]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(VersionRow).where(VersionRow.base_id == base_id).order_by(VersionRow.number))
+            return [self._version_record(s, r) for r in rows]
+
+    def version(self, base_id: int, ref: int | str | None = None) -> VersionRecord | None:
+        """A version by number, by alias name, or (``None``) the one ``current`` points at."""
+        with Session(self.engine) as s:
+            if ref is None or isinstance(ref, str) and not ref.lstrip("v").isdigit():
+                alias_name = ref or CURRENT
+                alias = s.scalar(select(AliasRow).where(AliasRow.base_id == base_id, AliasRow.name == alias_name))
+                if alias is None:
+                    raise RegistryError(f"no alias named {alias_name!r}")
+                return self._version_record(s, s.get(VersionRow, alias.version_id)) if alias.version_id else None
+            number = int(str(ref).lstrip("v"))
+            row = s.scalar(select(VersionRow).where(VersionRow.base_id == base_id, VersionRow.number == number))
+            if row is None:
+                existing = list(s.scalars(select(VersionRow.number).where(VersionRow.base_id == base_id)))
+                raise RegistryError(f"no version {number}; versions: {existing or 'none yet (run expand)'}")
+            return self._version_record(s, row)
+
+    def version_blobs(self, version_id: int, role: str | None = None) -> list[BlobRef]:
+        with Session(self.engine) as s:
+            q = select(VersionBlobRow).where(VersionBlobRow.version_id == version_id).order_by(VersionBlobRow.id)
+            if role:
+                q = q.where(VersionBlobRow.role == role)
+            return [BlobRef(r.role, r.key, r.digest, r.stored_bytes, r.raw_bytes, r.entry_id) for r in s.scalars(q)]
+
+    def set_alias(self, base_id: int, name: str, number: int, actor: str) -> tuple[str, str]:
+        """Point alias ``name`` at version ``number`` (a rollback when ``name`` is current)."""
+        with self._tx() as s:
+            row = s.scalar(select(VersionRow).where(VersionRow.base_id == base_id, VersionRow.number == number))
+            if row is None:
+                existing = list(s.scalars(select(VersionRow.number).where(VersionRow.base_id == base_id)))
+                raise RegistryError(f"no version {number}; versions: {existing or 'none'}")
+            alias = self._alias_row(s, base_id, name)
+            before = self._alias_label(s, alias)
+            alias.version_id = row.id
+            self._event(s, actor, "rollback" if name == CURRENT else "alias", name, before, f"v{number}", {})
+            return before, f"v{number}"
+
+    # ---- audit ---------------------------------------------------------------------------
+    def record(self, actor: str, action: str, subject: str, before: str = "", after: str = "",
+               details: dict | None = None) -> None:
+        with self._tx() as s:
+            self._event(s, actor, action, subject, before, after, details)
+
+    def events(self, limit: int | None = None) -> list[EventRecord]:
+        with Session(self.engine) as s:
+            q = select(EventRow).order_by(EventRow.id.desc())
+            if limit:
+                q = q.limit(limit)
+            rows = list(s.scalars(q))[::-1]
+            return [EventRecord(r.id, r.at, r.actor, r.action, r.subject, r.before, r.after, json.loads(r.details))
+                    for r in rows]
+
+    def blob_owners(self) -> dict[str, list[str]]:
+        """Every referenced digest -> who references it (``entry NAME`` or ``version N``)."""
+        owners: dict[str, set[str]] = {}
+        with Session(self.engine) as s:
+            for digest, name in s.execute(select(EntryBlobRow.digest, EntryRow.name)
+                                          .join(EntryRow, EntryRow.id == EntryBlobRow.entry_id)):
+                owners.setdefault(digest, set()).add(f"entry {name}")
+            for digest, number in s.execute(select(VersionBlobRow.digest, VersionRow.number)
+                                            .join(VersionRow, VersionRow.id == VersionBlobRow.version_id)):
+                owners.setdefault(digest, set()).add(f"version {number}")
+        return {d: sorted(o) for d, o in owners.items()}
+
+    def dangling_references(self) -> list[str]:
+        """Rows whose foreign keys point nowhere (should never happen; audit reports them)."""
+        problems = []
+        with Session(self.engine) as s:
+            for alias in s.scalars(select(AliasRow)):
+                if alias.version_id is not None and s.get(VersionRow, alias.version_id) is None:
+                    problems.append(f"alias {alias.name} points at missing version id {alias.version_id}")
+            for m in s.scalars(select(VersionMemberRow)):
+                if s.get(EntryRow, m.entry_id) is None:
+                    problems.append(f"version id {m.version_id} names missing entry id {m.entry_id}")
+        return problems

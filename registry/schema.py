@@ -1,0 +1,150 @@
+"""The registry's tables (SQLAlchemy 2.0 ORM). Knows nothing of tensors: blobs are digests."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class BaseModelRow(Base):
+    """A base LLM every entry of this lineage was fine-tuned from."""
+
+    __tablename__ = "base_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    source_path: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class BaseTensorRow(Base):
+    """One tensor of a base model: shape, dtype and content digest (checked whenever it is read)."""
+
+    __tablename__ = "base_tensors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(Text)
+    shape: Mapped[str] = mapped_column(Text)  # JSON list
+    dtype: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class EntryRow(Base):
+    """A registered fine-tuned model: its modality, task, source and key map."""
+
+    __tablename__ = "entries"
+    __table_args__ = (UniqueConstraint("base_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(64))
+    source_path: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    keymap: Mapped[str] = mapped_column(Text)  # JSON
+    stats: Mapped[str] = mapped_column(Text)  # JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EntryBlobRow(Base):
+    """A blob that belongs to an entry: a task vector tensor, a modality-side tensor or a file."""
+
+    __tablename__ = "entry_blobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)
+    role: Mapped[str] = mapped_column(String(32))  # task_vector | own | aux
+    key: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    stored_bytes: Mapped[int] = mapped_column(Integer)
+    raw_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class VersionRow(Base):
+    """One expansion: immutable once written."""
+
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("base_id", "number"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    params: Mapped[str] = mapped_column(Text)  # JSON
+    details: Mapped[str] = mapped_column(Text)  # JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class VersionMemberRow(Base):
+    __tablename__ = "version_members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    scale: Mapped[float] = mapped_column(Float)
+    mask_density: Mapped[float] = mapped_column(Float)
+
+
+class VersionBlobRow(Base):
+    """A blob of a version: merged vector, accumulator or mask, for one tensor."""
+
+    __tablename__ = "version_blobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    role: Mapped[str] = mapped_column(String(32))  # merged | acc.<part> | mask
+    entry_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), nullable=True)
+    key: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    stored_bytes: Mapped[int] = mapped_column(Integer)
+    raw_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("base_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True)
+
+
+class EventRow(Base):
+    """The append-only audit log: who did what, when, and what changed."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(Text)
+    before: Mapped[str] = mapped_column(Text)
+    after: Mapped[str] = mapped_column(Text)
+    details: Mapped[str] = mapped_column(Text)  # JSON
+
+
+APPEND_ONLY_TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+]

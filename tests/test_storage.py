@@ -1,0 +1,89 @@
+"""The blob store and the tensor codecs."""
+
+import pytest
+import torch
+
+from storage import BlobError, BlobStore, CodecError, decode, encode, encode_with, header_of
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("codec", ["raw", "planes", "sparse"])
+def test_float_codecs_round_trip_bit_exact(dtype, codec):
+    t = torch.randn(33, 7).to(dtype)
+    t[t.abs() < 0.5] = 0
+    assert torch.equal(decode(encode_with(t, codec)), t)
+
+
+def test_masks_cost_about_one_bit_per_entry_or_less():
+    mask = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) < 0.5
+    blob = encode(mask)
+    assert header_of(blob)["codec"] == "bits"
+    assert torch.equal(decode(blob), mask)
+    assert len(blob) * 8 / mask.numel() < 1.02
+
+
+def test_byte_planes_beat_plain_zstd_on_bf16_weights():
+    w = (torch.randn(512, 512, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    assert len(encode_with(w, "planes")) < len(encode_with(w, "raw"))
+
+
+def test_encode_picks_sparse_for_mostly_zero_vectors():
+    t = torch.zeros(10_000)
+    t[::10] = torch.randn(1000)
+    blob = encode(t)
+    assert header_of(blob)["codec"] == "sparse"
+    assert torch.equal(decode(blob), t)
+    assert header_of(encode(torch.randn(1000)))["codec"] == "planes"
+
+
+def test_integers_and_scalars_round_trip():
+    for t in [torch.arange(10, dtype=torch.int32), torch.tensor(3.5), torch.zeros(0, 4)]:
+        assert torch.equal(decode(encode(t)), t)
+
+
+def test_bad_blob_bytes_are_refused():
+    with pytest.raises(CodecError):
+        decode(b"nope")
+
+
+def test_blobs_are_content_addressed_and_deduplicated(tmp_path):
+    store = BlobStore(tmp_path)
+    a = store.put(b"hello")
+    assert store.put(b"hello") == a
+    assert len(list(store.digests())) == 1
+    assert store.get(a) == b"hello"
+
+
+def test_damaged_or_missing_blobs_are_detected(tmp_path):
+    store = BlobStore(tmp_path)
+    a, b = store.put(b"one"), store.put(b"two")
+    store.path(a).write_bytes(b"evil")
+    store.path(b).unlink()
+    assert store.verify(a) == "damaged" and store.verify(b) == "missing"
+    with pytest.raises(BlobError, match="damaged"):
+        store.get(a)
+
+
+def test_failed_batch_removes_only_the_blobs_it_created(tmp_path):
+    store = BlobStore(tmp_path)
+    old = store.put(b"old")
+    with pytest.raises(RuntimeError):
+        with store.batch() as batch:
+            batch.put(b"old")
+            batch.put(b"new")
+            raise RuntimeError("crash mid-operation")
+    assert list(store.digests()) == [old]
+
+
+def test_gc_removes_unreferenced_blobs_and_temp_files(tmp_path):
+    store = BlobStore(tmp_path)
+    keep, drop = store.put(b"keep"), store.put(b"drop")
+    (store.path(keep).parent / ".tmp-crash").write_bytes(b"x")
+    result = store.gc([keep])
+    assert (result.removed, result.freed_bytes, result.temp_files) == (1, 4, 1)
+    assert list(store.digests()) == [keep] and not store.exists(drop)
+
+
+def test_digest_names_are_validated(tmp_path):
+    with pytest.raises(BlobError, match="not a sha256"):
+        BlobStore(tmp_path).path("../../etc/passwd")

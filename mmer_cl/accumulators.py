@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mmer_cl.precision import as_working
+
 COUNT_DTYPE = torch.int32
 
 
@@ -25,8 +27,9 @@ class TiesAccumulator:
     neg_count: torch.Tensor
 
     @classmethod
-    def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> "TiesAccumulator":
-        f = torch.zeros(shape, dtype=torch.float32, device=device)
+    def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> "TiesAccumulator":
+        f = torch.zeros(shape, dtype=dtype, device=device)
         c = torch.zeros(shape, dtype=COUNT_DTYPE, device=device)
         return cls(f, f.clone(), c, c.clone())
 
@@ -39,7 +42,7 @@ class TiesAccumulator:
         return self._update(hat, -1)
 
     def _update(self, hat: torch.Tensor, sign: int) -> "TiesAccumulator":
-        hat = hat.to(self.pos_sum.device, torch.float32)
+        hat = hat.to(self.pos_sum.device, self.pos_sum.dtype)
         if hat.shape != self.pos_sum.shape:
             raise ValueError(f"shape mismatch: accumulator {tuple(self.pos_sum.shape)} vs {tuple(hat.shape)}")
         return TiesAccumulator(
@@ -63,5 +66,5 @@ class TiesAccumulator:
 
     @classmethod
     def from_dict(cls, parts: dict[str, torch.Tensor]) -> "TiesAccumulator":
-        return cls(parts["pos_sum"].to(torch.float32), parts["neg_sum"].to(torch.float32),
+        return cls(as_working(parts["pos_sum"]), as_working(parts["neg_sum"]),
                    parts["pos_count"].to(COUNT_DTYPE), parts["neg_count"].to(COUNT_DTYPE))

@@ -306,12 +306,13 @@ def remove(obj: Ctx, name: str, base: str | None) -> None:
 @click.option("--entry", "-e", help="The entry (modality model) to reconstruct.")
 @click.option("--text", is_flag=True, help="Export the merged text-only LLM (base + merged) instead.")
 @click.option("--version", "version", help="Version number or alias [current].")
+@click.option("--no-mask", is_flag=True, help="Use the whole merged LLM, not the entry's mask (plain-merge baseline).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--max-shard-size", help="Largest shard, e.g. 500MB, 5GB [like the registered checkpoint].")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
-def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str | None, force: bool,
-           max_shard_size: str | None, base: str | None) -> None:
+def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str | None, no_mask: bool,
+           force: bool, max_shard_size: str | None, base: str | None) -> None:
     """Write a runnable checkpoint: an entry's base + mask * merged, or the merged text LLM.
 
     The entry is written in its own original layout (config, tokenizer and
@@ -332,7 +333,7 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
                               progress=bar)
         else:
             store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
-                         progress=bar)
+                         use_mask=not no_mask, progress=bar)
     click.echo(f"wrote {out_dir}")
 
 

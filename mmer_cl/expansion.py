@@ -15,6 +15,7 @@ from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.masks import compute_masks, masked_abs_sums
 from mmer_cl.merging import merge, trim
 from mmer_cl.params import MergeParams
+from mmer_cl.precision import as_working
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TensorExpansion:
 def accumulate(taus: Sequence[torch.Tensor], density: float,
                previous: TiesAccumulator | None = None) -> TiesAccumulator:
     """Fold trimmed task vectors into ``previous`` (or into zeros)."""
-    acc = previous or TiesAccumulator.zeros(taus[0].shape, taus[0].device)
+    acc = previous or TiesAccumulator.zeros(taus[0].shape, taus[0].device, as_working(taus[0]).dtype)
     for tau in taus:
         acc = acc.add(trim(tau, density))
     return acc

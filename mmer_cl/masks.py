@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from mmer_cl.errors import ConfigError
+from mmer_cl.precision import as_working, common
 
 MASK_RULES = ("mmer", "emr", "consensus")
 
@@ -29,14 +30,14 @@ def mmer_mask(tau: torch.Tensor, merged: torch.Tensor, lam: float = 1.0) -> torc
     """``|tau| >= lam * |tau - merged|``: does taking the merged value bring me closer?"""
     if lam < 0:
         raise ConfigError(f"lambda must be >= 0, got {lam}")
-    tau = tau.to(torch.float32)
-    merged = merged.to(tau.device, torch.float32)
+    tau, merged = common([as_working(tau), as_working(merged.to(tau.device))])
     return tau.abs() >= lam * (tau - merged).abs()
 
 
 def emr_mask(tau: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
     """Sign agreement with the merged vector: ``tau * merged > 0``."""
-    return tau.to(torch.float32) * merged.to(tau.device, torch.float32) > 0
+    tau, merged = common([as_working(tau), as_working(merged.to(tau.device))])
+    return tau * merged > 0
 
 
 def consensus_mask(taus: Sequence[torch.Tensor], merged: torch.Tensor, k: int, lam: float = 1.0) -> torch.Tensor:
@@ -62,8 +63,8 @@ def compute_masks(rule: str, taus: Sequence[torch.Tensor], merged: torch.Tensor,
 
 def masked_abs_sums(tau: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor) -> tuple[float, float]:
     """``(sum|tau|, sum|mask * merged|)`` for one tensor: the pieces of the EMR rescale."""
-    merged = merged.to(tau.device, torch.float32)
-    return float(tau.to(torch.float32).abs().sum()), float((merged * mask).abs().sum())
+    tau, merged = common([as_working(tau), as_working(merged.to(tau.device))])
+    return float(tau.abs().sum()), float((merged * mask).abs().sum())
 
 
 def emr_rescale(tau_abs_sum: float, kept_abs_sum: float) -> float:

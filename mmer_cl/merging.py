@@ -1,7 +1,8 @@
 """Merges of task vectors into one vector ``tau_*`` (DESIGN.md section 1).
 
 Every merge takes the task vectors of one parameter tensor (one per model,
-same shape) and returns a float32 tensor of that shape. They are pure
+same shape) and returns a tensor of that shape in their working dtype
+(float32 at least; see :mod:`mmer_cl.precision`). They are pure
 functions: no I/O, no global state; ``dare_ties`` takes an explicit seed.
 """
 
@@ -12,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from mmer_cl.errors import ConfigError
+from mmer_cl.precision import as_working, common
 
 
 def _check(taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -21,7 +23,7 @@ def _check(taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for t in taus:
         if t.shape != shape:
             raise ConfigError(f"task vectors differ in shape: {tuple(shape)} vs {tuple(t.shape)}")
-    return [t.to(torch.float32) for t in taus]
+    return common([as_working(t) for t in taus])
 
 
 def check_density(density: float) -> None:
@@ -41,7 +43,7 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     Exactly ``keep_count(numel, density)`` entries are kept (ties at the
     threshold are broken by position, deterministically).
     """
-    tau = tau.to(torch.float32)
+    tau = as_working(tau)
     k = keep_count(tau.numel(), density)
     if k == tau.numel():
         return tau.clone()
@@ -85,7 +87,7 @@ def average(taus: Sequence[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
 def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """Drop each entry with probability ``1 - density``; rescale survivors by ``1/density``."""
     check_density(density)
-    tau = tau.to(torch.float32)
+    tau = as_working(tau)
     keep = torch.rand(tau.shape, generator=generator, device=generator.device) < density
     return torch.where(keep.to(tau.device), tau / density, torch.zeros_like(tau))
 

@@ -8,7 +8,7 @@ Peak memory is about (number of models) x (largest tensor), not model size.
 Layout of a merge directory::
 
     mmer.json                  parameters, base path, per-model key maps and scales
-    merged/                    tau_* (float32), keyed by base tensor names
+    merged/                    tau_* (working dtype), keyed by base tensor names
     masks/<name>/              one boolean mask per base tensor, per model
 """
 
@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoint import DTYPES, Checkpoint
+from mmer_cl.precision import working_dtype
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
 from mmer_cl.expansion import expand_tensor
@@ -31,7 +32,7 @@ from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.task_vector import task_vector
-from mmer_cl.writer import ShardedWriter, TensorSpec, atomic_directory
+from mmer_cl.writer import CODES, ShardedWriter, TensorSpec, atomic_directory
 
 MANIFEST = "mmer.json"
 FORMAT = "mmer-cl-merge/1"
@@ -111,8 +112,10 @@ def merge_checkpoints(
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         shapes = [(k, base.infos[k].shape) for k in keys]
-        merged_writer = ShardedWriter(tmp / "merged", [TensorSpec(k, s, "F32") for k, s in shapes],
-                                      INTERNAL_SHARD_BYTES)
+        merged_specs = [TensorSpec(k, s, CODES[working_dtype(
+            DTYPES[base.infos[k].dtype], *(DTYPES[m.checkpoint.infos[lk[k]].dtype] for m, lk in zip(models, lookups)))])
+            for k, s in shapes]
+        merged_writer = ShardedWriter(tmp / "merged", merged_specs, INTERNAL_SHARD_BYTES)
         mask_writers = [ShardedWriter(tmp / "masks" / m.name, [TensorSpec(k, s, "BOOL") for k, s in shapes],
                                       INTERNAL_SHARD_BYTES) for m in models]
         for w in [merged_writer, *mask_writers]:

@@ -373,7 +373,7 @@ class Store:
         return self.registry.events(limit)
 
     # ---- export / load -------------------------------------------------------------------
-    def _sources(self, name: str, version: int | str | None, base: str | None
+    def _sources(self, name: str, version: int | str | None, base: str | None, use_mask: bool = True
                  ) -> tuple[KeyMap, Iterator[tuple[str, torch.Tensor]], dict[str, bytes], EntryRecord]:
         base_rec = self.registry.base(base)
         v = self.version(version, base)
@@ -390,18 +390,20 @@ class Store:
         aux = {r.key: self.blobs.get(r.digest) for r in self.registry.entry_blobs(entry.id, "aux")}
         tensors = reconstructed_tensors(
             keymap, base=vbase.get, merged=lambda k: decode(self.blobs.get(merged[k])),
-            mask=lambda k: decode(self.blobs.get(masks[k])), own=lambda k: decode(self.blobs.get(own[k])),
-            scale=member.scale)
+            mask=(lambda k: decode(self.blobs.get(masks[k]))) if use_mask else None,
+            own=lambda k: decode(self.blobs.get(own[k])), scale=member.scale if use_mask else 1.0)
         return keymap, tensors, aux, entry
 
     def export(self, name: str, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
-               overwrite: bool = False, max_shard_bytes: int | None = None,
+               overwrite: bool = False, max_shard_bytes: int | None = None, use_mask: bool = True,
                progress: Progress | None = None) -> Path:
         """Write entry ``name`` reconstructed from a version (default: current) as a checkpoint directory.
 
         Shards hold the same tensors as the registered checkpoint's unless ``max_shard_bytes`` is given.
+        ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
+        encoder instead: the plain-merge (NaiveMC-style) baseline.
         """
-        keymap, tensors, aux, _ = self._sources(name, version, base)
+        keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
         return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
                            **layout_of(keymap, max_shard_bytes))
 
@@ -421,19 +423,25 @@ class Store:
                            **layout_of(keymap, max_shard_bytes))
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
-             model_class=None, device: str | torch.device | None = None):
+             model_class=None, device: str | torch.device | None = None, use_mask: bool = True):
         """Reconstruct entry ``name`` in memory and return a ready transformers model (eval mode).
 
         The class comes from ``architectures`` in the entry's config.json unless
-        ``model_class`` is given. Nothing is written to disk.
+        ``model_class`` (a ``PreTrainedModel`` subclass) is given. Nothing is
+        written to disk. ``use_mask=False`` gives the plain-merge baseline (see
+        :meth:`export`).
         """
         import transformers
 
-        keymap, tensors, aux, _ = self._sources(name, version, base)
+        keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
         if "config.json" not in aux:
             raise StoreError(f"entry {name!r} has no config.json; use export() and load it yourself")
         config_dict = json.loads(aux["config.json"])
-        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model_type = config_dict.pop("model_type", None)
+        if model_class is not None and getattr(model_class, "config_class", None) is not None:
+            config = model_class.config_class(**config_dict)
+        else:
+            config = transformers.AutoConfig.for_model(model_type, **config_dict)
         if model_class is None:
             archs = getattr(config, "architectures", None) or []
             if not archs or not hasattr(transformers, archs[0]):

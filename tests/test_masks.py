@@ -5,7 +5,9 @@ import torch
 
 from mmer_cl.errors import ConfigError
 from mmer_cl.masks import compute_masks, consensus_mask, emr_mask, emr_rescale, masked_abs_sums, mmer_mask
+from mmer_cl.merging import ties
 from mmer_cl.reconstruct import reconstruct
+from mmer_cl.task_vector import task_vector
 
 T1 = torch.tensor([1.0, -2.0, 0.5, 0.0])
 T2 = torch.tensor([3.0, 1.0, -0.5, 0.0])
@@ -70,11 +72,15 @@ def test_reconstruct_adds_the_masked_merged_vector_to_the_base():
     assert out.dtype == torch.bfloat16
 
 
-def test_full_mask_single_model_reconstructs_exactly():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_full_mask_single_model_reconstructs_exactly_even_for_large_changes(dtype):
+    # Changes as large as the weights flip signs, where a float32 difference of
+    # float32 weights would round; the working dtype keeps it exact.
     gen = torch.Generator().manual_seed(1)
-    base = torch.randn(64, 64, generator=gen)
-    tuned = base + 0.01 * torch.randn(64, 64, generator=gen)
-    tau = tuned - base
+    base = torch.randn(64, 64, generator=gen).to(dtype)
+    tuned = torch.randn(64, 64, generator=gen).to(dtype)
+    tau = task_vector(base, tuned)
     mask = mmer_mask(tau, tau)
     assert bool(mask.all())
     assert torch.equal(reconstruct(base, mask, tau), tuned)
+    assert torch.equal(reconstruct(base, mask, ties([tau], density=1.0)), tuned)

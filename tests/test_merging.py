@@ -21,6 +21,14 @@ def test_task_vector_is_float32_difference_and_round_trips():
     assert torch.equal(apply_delta(base, tau), tuned)
 
 
+def test_float32_weights_get_exact_float64_task_vectors():
+    base = torch.tensor([1e-3, -2.5e-5, 0.75], dtype=torch.float32)
+    tuned = torch.tensor([-3e-7, 1.1e-3, 0.7500001], dtype=torch.float32)
+    tau = task_vector(base, tuned)
+    assert tau.dtype == torch.float64
+    assert torch.equal(apply_delta(base, tau), tuned)
+
+
 def test_task_vector_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="shape mismatch"):
         task_vector(torch.zeros(3), torch.zeros(4))

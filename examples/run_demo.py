@@ -28,7 +28,7 @@ from mmer_family.evaluate import ORDER, Grid, evaluate_seed  # noqa: E402
 from mmer_family.report import chart, markdown  # noqa: E402
 from mmer_family.tasks import TASKS  # noqa: E402
 
-FULL = {"base_steps": 2000, "ft_steps": 400}
+FULL = {"base_steps": 2000, "ft_steps": 600}
 QUICK = {"base_steps": 40, "ft_steps": 30}
 
 

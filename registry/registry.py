@@ -173,12 +173,15 @@ class Registry:
                                                   EntryRow.removed_at.is_(None)))
             return self._entry_record(row) if row else None
 
-    def entry_blobs(self, entry_id: int, role: str | None = None) -> list[BlobRef]:
+    def _blob_refs(self, table, owner_column, owner_id: int, role: str | None) -> list[BlobRef]:
         with Session(self.engine) as s:
-            q = select(EntryBlobRow).where(EntryBlobRow.entry_id == entry_id).order_by(EntryBlobRow.id)
+            q = select(table).where(owner_column == owner_id).order_by(table.id)
             if role:
-                q = q.where(EntryBlobRow.role == role)
+                q = q.where(table.role == role)
             return [BlobRef(r.role, r.key, r.digest, r.stored_bytes, r.raw_bytes, r.entry_id) for r in s.scalars(q)]
+
+    def entry_blobs(self, entry_id: int, role: str | None = None) -> list[BlobRef]:
+        return self._blob_refs(EntryBlobRow, EntryBlobRow.entry_id, entry_id, role)
 
     # ---- versions ------------------------------------------------------------------------
     def add_version(self, base_id: int, params: dict, details: dict, members: Sequence[Member],
@@ -268,11 +271,7 @@ class Registry:
             return self._version_record(s, row)
 
     def version_blobs(self, version_id: int, role: str | None = None) -> list[BlobRef]:
-        with Session(self.engine) as s:
-            q = select(VersionBlobRow).where(VersionBlobRow.version_id == version_id).order_by(VersionBlobRow.id)
-            if role:
-                q = q.where(VersionBlobRow.role == role)
-            return [BlobRef(r.role, r.key, r.digest, r.stored_bytes, r.raw_bytes, r.entry_id) for r in s.scalars(q)]
+        return self._blob_refs(VersionBlobRow, VersionBlobRow.version_id, version_id, role)
 
     def set_alias(self, base_id: int, name: str, number: int, actor: str) -> tuple[str, str]:
         """Point alias ``name`` at version ``number`` (a rollback when ``name`` is current)."""

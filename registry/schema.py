@@ -68,17 +68,22 @@ class EntryRow(Base):
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-class EntryBlobRow(Base):
-    """A blob that belongs to an entry: a task vector tensor, a modality-side tensor or a file."""
+class BlobColumns:
+    """What every row pointing at a blob holds: its role, tensor key, digest and sizes."""
 
-    __tablename__ = "entry_blobs"
     id: Mapped[int] = mapped_column(primary_key=True)
-    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)
-    role: Mapped[str] = mapped_column(String(32))  # task_vector | own | aux
+    role: Mapped[str] = mapped_column(String(32))
     key: Mapped[str] = mapped_column(Text)
     digest: Mapped[str] = mapped_column(String(64), index=True)
     stored_bytes: Mapped[int] = mapped_column(Integer)
     raw_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class EntryBlobRow(BlobColumns, Base):
+    """A blob that belongs to an entry (role task_vector | own | aux)."""
+
+    __tablename__ = "entry_blobs"
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)
 
 
 class VersionRow(Base):
@@ -105,18 +110,12 @@ class VersionMemberRow(Base):
     mask_density: Mapped[float] = mapped_column(Float)
 
 
-class VersionBlobRow(Base):
-    """A blob of a version: merged vector, accumulator or mask, for one tensor."""
+class VersionBlobRow(BlobColumns, Base):
+    """A blob of a version (role merged | acc.<part> | mask), for one tensor; masks name their entry."""
 
     __tablename__ = "version_blobs"
-    id: Mapped[int] = mapped_column(primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
-    role: Mapped[str] = mapped_column(String(32))  # merged | acc.<part> | mask
     entry_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), nullable=True)
-    key: Mapped[str] = mapped_column(Text)
-    digest: Mapped[str] = mapped_column(String(64), index=True)
-    stored_bytes: Mapped[int] = mapped_column(Integer)
-    raw_bytes: Mapped[int] = mapped_column(Integer)
 
 
 class AliasRow(Base):

@@ -80,6 +80,16 @@ def test_load_in_memory_matches_the_exported_checkpoint(store, tmp_path):
         assert torch.equal(model(**inputs).logits, exported(**inputs).logits)
 
 
+def test_without_mask_every_entry_gets_the_whole_merged_llm(store, tmp_path):
+    store.expand()
+    text = Checkpoint(store.export_text(tmp_path / "text"))
+    for name in ("vision", "audio"):
+        plain = store.load(name, device="cpu", use_mask=False).state_dict()
+        assert torch.equal(plain["model.language_model.norm.weight"], text.get("model.norm.weight"))
+    masked = store.load("vision", device="cpu").state_dict()
+    assert not torch.equal(masked["lm_head.weight"], plain["lm_head.weight"])
+
+
 def test_single_entry_store_reconstructs_its_model_exactly(family, tmp_path):
     with Store.init(tmp_path / "s", family / "base") as s:
         s.register(family / "video", "video", "video")

@@ -26,10 +26,25 @@ def _cosine(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def pretrain_base(out_dir: Path, steps: int = 1500, seed: int = 0, seq: int = 128, batch: int = 32,
-                  lr: float = 3e-3, log=print) -> LlamaForCausalLM:
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def _save(model, tok: PreTrainedTokenizerFast, out_dir: Path):
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return model
+
+
+def pretrain_base(out_dir: Path, steps: int = 2000, seed: int = 0, seq: int = 128, batch: int = 32,
+                  lr: float = 3e-3, train_text: str | None = None, log=print) -> LlamaForCausalLM:
+    """Pretrain the char-level Llama on the first 90% of tiny Shakespeare (or ``train_text``)."""
     torch.manual_seed(seed)
-    train_text, _ = data.shakespeare_split()
+    train_text = train_text if train_text is not None else data.shakespeare_split()[0]
     tok = build_tokenizer(train_text + data.shakespeare_heldout())
     ids = torch.tensor(tok(train_text)["input_ids"])
     model = LlamaForCausalLM(base_config(len(tok)))
@@ -44,20 +59,14 @@ def pretrain_base(out_dir: Path, steps: int = 1500, seed: int = 0, seq: int = 12
         x = torch.stack([ids[s:s + seq + 1] for s in starts])
         logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _step(model, opt, loss)
         if step % 250 == 0 or step == steps - 1:
             log(f"  base step {step:5d}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
-    model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return model
+    return _save(model, tok, out_dir)
 
 
-def finetune(base_dir: Path, task: Task, out_dir: Path, steps: int = 400, seed: int = 0, batch: int = 64,
-             lr_llm: float = 1e-3, lr_side: float = 3e-3, init_from: Path | None = None, log=print) -> TinyMLLM:
+def finetune(base_dir: Path, task: Task, out_dir: Path, steps: int = 600, seed: int = 0, batch: int = 64,
+             lr_llm: float = 3e-4, lr_side: float = 3e-3, init_from: Path | None = None, log=print) -> TinyMLLM:
     """Full fine-tuning of the LLM plus the task's encoder and projector."""
     torch.manual_seed(seed)
     tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
@@ -85,13 +94,7 @@ def finetune(base_dir: Path, task: Task, out_dir: Path, steps: int = 400, seed: 
         logits = model(train.x[idx], ids)
         loss = (F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * target[:, 1:]).sum() \
             / target[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _step(model, opt, loss)
         if step % 100 == 0 or step == steps - 1:
             log(f"  {task.name} step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
-    model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return model
+    return _save(model, tok, out_dir)

@@ -113,7 +113,7 @@ def chart(results: list[dict], path: Path) -> Path:
 
     rows = [("original", [[r["original"][n]["test"] for r in results] for n in ORDER])]
     rows += [(LABELS[m], [[r["test"][m][n] for r in results] for n in ORDER]) for m in METHODS]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     width = 0.8 / len(rows)
     for i, (label, per_task) in enumerate(rows):
         means = [100 * statistics.mean(v) for v in per_task]
@@ -123,7 +123,7 @@ def chart(results: list[dict], path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"MMER vs merging baselines, {len(results)} seed(s)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(rows), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

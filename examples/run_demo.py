@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="Tiny training and evaluation, for CI (numbers meaningless).")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    transformers.utils.logging.disable_progress_bar()
     start = time.time()
     steps = QUICK if args.quick else FULL
     ensure_checkpoints(args.checkpoints, args.seeds, steps, args.retrain)

@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in ("F64", "F32", "F16", "BF16") or self.dtype.startswith("F8")
+        return is_float_code(self.dtype)
 
     @property
     def numel(self) -> int:

@@ -371,7 +371,7 @@ def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | 
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:
-        raise click.BadParameter(f"ranks must be integers separated by commas, got {ranks!r}")
+        raise click.BadParameter(f"ranks must be integers separated by commas, got {ranks!r}") from None
     with obj.open() as store, obj.progress("measuring") as bar:
         r = store.report(version, base, rank_list, svd=not no_svd, progress=bar)
     emit_json(r) if as_json else click.echo(format_report(r))

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from mmer_cl.checkpoint import DTYPES
+from mmer_cl.dtypes import DTYPES
 from mmer_cl.keymap import KeyMap
 from mmer_cl.reconstruct import reconstruct
 from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory

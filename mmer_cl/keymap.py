@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import KeyMappingError
 from mmer_cl.writer import TensorSpec
 
@@ -155,7 +156,7 @@ def map_keys(
         if core in base_by_core and core not in candidates:
             candidates[core] = key
     dtypes = dict(ckpt_dtypes or {})
-    floats = {k for k, d in dtypes.items() if d.startswith(("F", "BF"))} if dtypes else None
+    floats = {k for k, d in dtypes.items() if is_float_code(d)} if dtypes else None
 
     llm: dict[str, str] = {}
     resized: dict[str, int] = {}

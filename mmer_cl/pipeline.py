@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from mmer_cl.checkpoint import DTYPES, Checkpoint
+from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.dtypes import CODES, DTYPES
 from mmer_cl.precision import working_dtype
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
@@ -32,7 +33,7 @@ from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.task_vector import task_vector
-from mmer_cl.writer import CODES, ShardedWriter, TensorSpec, atomic_directory
+from mmer_cl.writer import ShardedWriter, TensorSpec, atomic_directory
 
 MANIFEST = "mmer.json"
 FORMAT = "mmer-cl-merge/1"
@@ -88,7 +89,7 @@ def merge_checkpoints(
     base_path: str | Path,
     model_paths: Sequence[str | Path],
     out_dir: str | Path,
-    params: MergeParams = MergeParams(),
+    params: MergeParams | None = None,
     names: Sequence[str] | None = None,
     llm_prefix: str | None = None,
     overwrite: bool = False,
@@ -101,6 +102,7 @@ def merge_checkpoints(
     names = list(names) if names else [Path(p).name for p in model_paths]
     if len(set(names)) != len(names) or len(names) != len(model_paths):
         raise ConfigError(f"model names must be unique, one per checkpoint; got {names}")
+    params = params or MergeParams()
     device = device or default_device()
     base = Checkpoint(base_path)
     models = [prepare_model(base, p, n, llm_prefix) for p, n in zip(model_paths, names)]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from mmer_cl.export import Progress
-from mmer_cl.writer import ITEM_BYTES
+from mmer_cl.dtypes import ITEM_BYTES, is_float_code
 from storage import decode
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
                    svd: bool, progress: Progress | None = None) -> dict:
     reg = store.registry
     base_tensors = reg.base_tensors(base.id)
-    llm = [t for t in base_tensors if t.dtype.startswith(("F", "BF"))]
+    llm = [t for t in base_tensors if is_float_code(t.dtype)]
     n_params = sum(math.prod(t.shape) for t in llm)
     base_bytes = sum(math.prod(t.shape) * ITEM_BYTES[t.dtype] for t in base_tensors)
     linear = {t.name: t.shape for t in llm if is_linear(t.name, t.shape)}

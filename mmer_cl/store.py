@@ -27,13 +27,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
+from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import KeyMappingError, MmerError
 from mmer_cl.expansion import expand_tensor
 from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_model
@@ -99,6 +100,11 @@ class AuditReport:
         return not (self.damaged or self.dangling or self.base_problems)
 
 
+def llm_shapes(tensors: Iterable[BaseTensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the base's float tensors, in base order: the ones merging works on."""
+    return {t.name: t.shape for t in tensors if is_float_code(t.dtype)}
+
+
 class VerifiedBase:
     """Reads base tensors from their source path and checks each against its recorded sha256."""
 
@@ -119,7 +125,7 @@ class VerifiedBase:
         return t
 
     def llm_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.shape for t in self.tensors.values() if t.dtype.startswith(("F", "BF"))}
+        return llm_shapes(self.tensors.values())
 
 
 class Store:
@@ -313,7 +319,7 @@ class Store:
                         if r.role.startswith("acc.")}
         new_from = len(prev_ids) if incremental else 0
         tv = [{r.key: r.digest for r in self.registry.entry_blobs(e.id, "task_vector")} for e in entries]
-        keys = list(self._verified_base(base_rec).llm_shapes())
+        keys = list(llm_shapes(self.registry.base_tensors(base_rec.id)))  # merging needs no base weights
         kept = [0] * len(entries)
         sums = [[0.0, 0.0] for _ in entries]
         total = 0

@@ -24,12 +24,11 @@ from typing import BinaryIO, Iterator, Sequence
 
 import torch
 
-from mmer_cl.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME
+from mmer_cl.checkpoint import INDEX_NAME, SINGLE_NAME
+from mmer_cl.dtypes import CODES, ITEM_BYTES
 from mmer_cl.errors import MmerError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-CODES = {v: k for k, v in DTYPES.items()}
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)

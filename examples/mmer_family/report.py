@@ -25,7 +25,7 @@ def ms(values: list[float], pct: bool = True) -> str:
 
 def markdown(results: list[dict], meta: dict) -> str:
     seeds = [r["seed"] for r in results]
-    lines = [f"# MMER on a small real multimodal family", "",
+    lines = ["# MMER on a small real multimodal family", "",
              f"Seeds {seeds} (fine-tuning seeds; one base). Accuracy in %, mean ± std over seeds, "
              f"on the test split, scored once with the hyperparameters chosen on validation. {meta['note']}", ""]
 

@@ -221,10 +221,9 @@ class Store:
             if stats["relative_change"] > max_relative_change:
                 raise KeyMappingError(
                     f"{path} differs from base {base_rec.name!r} by {stats['relative_change']:.2f} "
-                    f"(||theta - theta_0|| / ||theta_0|| over weight matrices; fine-tunes are usually below 0.1, "
-                    f"the limit is "
-                    f"{max_relative_change}). It was probably fine-tuned from another base; register it in a "
-                    "store of that base, or raise max_relative_change (--max-change) if this is intended.")
+                    "(||theta - theta_0|| / ||theta_0|| over weight matrices; fine-tunes are usually below 0.1, "
+                    f"the limit is {max_relative_change}). It was probably fine-tuned from another base; register "
+                    "it in a store of that base, or raise max_relative_change (--max-change) if this is intended.")
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
                                             fingerprint, keymap.to_json(), stats, refs, actor)
         return RegisterResult(entry, True, keymap.describe())
@@ -239,6 +238,7 @@ class Store:
         parts = []
         sq_tau = sq_base = 0.0
         llm_params = own_params = ckpt_bytes = 0
+        own_keys = set(keymap.own_keys())
         for step, key in enumerate(keymap.order, start=1):
             t = ckpt.get(key)
             info = ckpt.infos[key]
@@ -253,7 +253,7 @@ class Store:
                     sq_base += float(b.float().square().sum())
                 llm_params += tau.numel()
                 refs.append(self._put(batch, "task_vector", base_key, tau))
-            if key in keymap.own_keys():
+            if key in own_keys:
                 own = keymap.modality_part(key, t)
                 own_params += own.numel()
                 refs.append(self._put(batch, "own", key, own))

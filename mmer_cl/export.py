@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.dtypes import DTYPES
 from mmer_cl.keymap import KeyMap
 from mmer_cl.reconstruct import reconstruct
@@ -48,6 +49,26 @@ def reconstructed_tensors(
         if key in keymap.resized:
             t = torch.cat([t, own(key).to(t.device, t.dtype)])
         yield key, t
+
+
+def identity_keymap(base: Checkpoint) -> KeyMap:
+    """The base read as its own 'fine-tune': every float tensor is LLM, in base order."""
+    llm = {n: n for n, i in base.infos.items() if i.is_float}
+    return KeyMap(llm=llm, modality=[n for n in base.infos if n not in llm], order=list(base.infos),
+                  dtypes={n: i.dtype for n, i in base.infos.items()},
+                  shapes={n: list(i.shape) for n, i in base.infos.items()},
+                  files={n: i.file.name for n, i in base.infos.items()})
+
+
+def write_merged_llm(out_dir: str | Path, base: Checkpoint, base_source: TensorSource, merged: TensorSource,
+                     overwrite: bool = False, max_shard_bytes: int | None = None,
+                     progress: Progress | None = None) -> Path:
+    """Write the text-only merged LLM ``theta_0 + tau_*`` in the base's own layout and files."""
+    keymap = identity_keymap(base)
+    tensors = reconstructed_tensors(keymap, base=base_source, merged=merged, mask=None, own=base_source)
+    aux = {p.name: p for p in base.aux_files()}
+    return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
+                       **layout_of(keymap, max_shard_bytes))
 
 
 def layout_of(keymap: KeyMap, max_shard_bytes: int | None) -> dict:

@@ -138,7 +138,7 @@ def map_keys(
     """Map a checkpoint's keys onto the base's, by name and shape.
 
     ``base_shapes`` / ``ckpt_shapes`` map tensor name -> shape, in file order.
-    ``llm_prefix`` replaces the list of known prefixes. ``float_keys``, when
+    ``llm_prefix`` replaces the list of known prefixes.
     ``ckpt_dtypes`` (safetensors dtype codes such as ``BF16``) are recorded
     with the shapes for export; only float tensors are merged, integer
     buffers stay verbatim. Raises :class:`KeyMappingError` with advice when the shapes

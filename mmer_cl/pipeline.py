@@ -27,7 +27,7 @@ from mmer_cl.precision import working_dtype
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
 from mmer_cl.expansion import expand_tensor
-from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_model
+from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_merged_llm, write_model
 from mmer_cl.keymap import KeyMap, map_keys
 from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
@@ -76,15 +76,6 @@ def read_task_vector(base_tensor: torch.Tensor, model: PreparedModel, ckpt_key: 
     return task_vector(base_tensor, tuned)
 
 
-def identity_keymap(base: Checkpoint) -> KeyMap:
-    """The base read as its own 'fine-tune': every float tensor is LLM, in base order."""
-    llm = {n: n for n, i in base.infos.items() if i.is_float}
-    return KeyMap(llm=llm, modality=[n for n in base.infos if n not in llm], order=list(base.infos),
-                  dtypes={n: i.dtype for n, i in base.infos.items()},
-                  shapes={n: list(i.shape) for n, i in base.infos.items()},
-                  files={n: i.file.name for n, i in base.infos.items()})
-
-
 def merge_checkpoints(
     base_path: str | Path,
     model_paths: Sequence[str | Path],
@@ -120,8 +111,6 @@ def merge_checkpoints(
         merged_writer = ShardedWriter(tmp / "merged", merged_specs, INTERNAL_SHARD_BYTES)
         mask_writers = [ShardedWriter(tmp / "masks" / m.name, [TensorSpec(k, s, "BOOL") for k, s in shapes],
                                       INTERNAL_SHARD_BYTES) for m in models]
-        for w in [merged_writer, *mask_writers]:
-            w.directory.mkdir(parents=True)
         try:
             for step, key in enumerate(keys, start=1):
                 base_tensor = base.get(key).to(device)
@@ -203,8 +192,4 @@ def export_merged_llm(merge_dir: str | Path, out_dir: str | Path, overwrite: boo
                       progress: Progress | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write the text-only merged LLM ``theta_0 + tau_*`` in the base's own layout."""
     md = MergeDirectory(merge_dir)
-    keymap = identity_keymap(md.base)
-    tensors = reconstructed_tensors(keymap, base=md.base.get, merged=md.merged.get, mask=None, own=md.base.get)
-    aux = {p.name: p for p in md.base.aux_files()}
-    return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                       **layout_of(keymap, max_shard_bytes))
+    return write_merged_llm(out_dir, md.base, md.base.get, md.merged.get, overwrite, max_shard_bytes, progress)

@@ -26,7 +26,6 @@ import torch
 
 from mmer_cl.export import Progress
 from mmer_cl.dtypes import ITEM_BYTES, is_float_code
-from storage import decode
 
 if TYPE_CHECKING:
     from mmer_cl.store import Store
@@ -116,19 +115,18 @@ def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, l
               ranks: Sequence[int]) -> dict:
     """Relative errors over the linear layers: SVD-LoRA at each rank, and MMER's reconstruction."""
     reg = store.registry
-    tv = {r.key: r.digest for r in reg.entry_blobs(entry_id, "task_vector")}
-    merged = {r.key: r.digest for r in reg.version_blobs(version.id, "merged")}
-    masks = {r.key: r.digest for r in reg.version_blobs(version.id, "mask") if r.entry_id == entry_id}
+    tv = store.blob_source(reg.entry_blobs(entry_id, "task_vector"))
+    merged = store.blob_source(reg.version_blobs(version.id, "merged"))
+    masks = store.blob_source(r for r in reg.version_blobs(version.id, "mask") if r.entry_id == entry_id)
     total = 0.0
     mmer_err = 0.0
     svd_err = {r: 0.0 for r in ranks}
     exact = True
     for key in linear:
-        tau = decode(store.blobs.get(tv[key])).to(store.device)
+        tau = tv(key).to(store.device)
         norm2 = float(tau.square().sum())
         total += norm2
-        approx = member.scale * decode(store.blobs.get(masks[key])).to(store.device) * \
-            decode(store.blobs.get(merged[key])).to(store.device)
+        approx = member.scale * masks(key).to(store.device) * merged(key).to(store.device)
         mmer_err += float((tau - approx).square().sum())
         s, was_exact = singular_values(tau, max(ranks))
         exact &= was_exact

@@ -37,13 +37,14 @@ from mmer_cl.device import default_device
 from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import KeyMappingError, MmerError
 from mmer_cl.expansion import expand_tensor
-from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_model
+from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
+                            write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.keymap import KeyMap
 from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
-from mmer_cl.pipeline import identity_keymap, map_checkpoint
+from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.task_vector import task_vector
 from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
                       RegistryError, VersionRecord, sqlite_url)
@@ -189,6 +190,11 @@ class Store:
     def base(self, name: str | None = None) -> BaseRecord:
         return self.registry.base(name)
 
+    def blob_source(self, refs: Iterable[BlobRef]) -> TensorSource:
+        """Tensors by key from blob rows, read (checksum-verified) and decoded on demand."""
+        digests = {r.key: r.digest for r in refs}
+        return lambda key: decode(self.blobs.get(digests[key]))
+
     def _verified_base(self, base: BaseRecord) -> VerifiedBase:
         return VerifiedBase(base, self.registry.base_tensors(base.id))
 
@@ -315,10 +321,9 @@ class Store:
         if incremental:  # old members first, in their order: the accumulators already hold them
             by_id = {e.id: e for e in entries}
             entries = [by_id[i] for i in prev_ids] + [e for e in entries if e.id not in set(prev_ids)]
-            acc_refs = {(r.role, r.key): r.digest for r in self.registry.version_blobs(previous.id)
-                        if r.role.startswith("acc.")}
+            acc = {p: self.blob_source(self.registry.version_blobs(previous.id, f"acc.{p}")) for p in ACC_PARTS}
         new_from = len(prev_ids) if incremental else 0
-        tv = [{r.key: r.digest for r in self.registry.entry_blobs(e.id, "task_vector")} for e in entries]
+        tv = [self.blob_source(self.registry.entry_blobs(e.id, "task_vector")) for e in entries]
         keys = list(llm_shapes(self.registry.base_tensors(base_rec.id)))  # merging needs no base weights
         kept = [0] * len(entries)
         sums = [[0.0, 0.0] for _ in entries]
@@ -326,11 +331,10 @@ class Store:
         refs: list[BlobRef] = []
         with self.blobs.batch() as batch:
             for step, key in enumerate(keys, start=1):
-                taus = [decode(self.blobs.get(d[key])).to(self.device) for d in tv]
+                taus = [source(key).to(self.device) for source in tv]
                 prev_acc = None
                 if incremental:
-                    prev_acc = TiesAccumulator.from_dict(
-                        {p: decode(self.blobs.get(acc_refs[(f"acc.{p}", key)])).to(self.device) for p in ACC_PARTS})
+                    prev_acc = TiesAccumulator.from_dict({p: acc[p](key).to(self.device) for p in ACC_PARTS})
                 result = expand_tensor(taus, params, tensor_name=key, previous=prev_acc, new_from=new_from)
                 refs.append(self._put(batch, "merged", key, result.merged))
                 if result.accumulator is not None:
@@ -390,14 +394,12 @@ class Store:
         entry = self.registry.entry(base_rec.id, name)
         keymap = KeyMap.from_json(entry.keymap)
         vbase = self._verified_base(base_rec)
-        merged = {r.key: r.digest for r in self.registry.version_blobs(v.id, "merged")}
-        masks = {r.key: r.digest for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id}
-        own = {r.key: r.digest for r in self.registry.entry_blobs(entry.id, "own")}
+        masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
         aux = {r.key: self.blobs.get(r.digest) for r in self.registry.entry_blobs(entry.id, "aux")}
         tensors = reconstructed_tensors(
-            keymap, base=vbase.get, merged=lambda k: decode(self.blobs.get(merged[k])),
-            mask=(lambda k: decode(self.blobs.get(masks[k]))) if use_mask else None,
-            own=lambda k: decode(self.blobs.get(own[k])), scale=member.scale if use_mask else 1.0)
+            keymap, base=vbase.get, merged=self.blob_source(self.registry.version_blobs(v.id, "merged")),
+            mask=masks if use_mask else None, own=self.blob_source(self.registry.entry_blobs(entry.id, "own")),
+            scale=member.scale if use_mask else 1.0)
         return keymap, tensors, aux, entry
 
     def export(self, name: str, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
@@ -417,16 +419,10 @@ class Store:
                     overwrite: bool = False, max_shard_bytes: int | None = None,
                     progress: Progress | None = None) -> Path:
         """Write the merged text-only LLM ``theta_0 + tau_*`` in the base's layout."""
-        base_rec = self.registry.base(base)
         v = self.version(version, base)
-        vbase = self._verified_base(base_rec)
-        merged = {r.key: r.digest for r in self.registry.version_blobs(v.id, "merged")}
-        keymap = identity_keymap(vbase.checkpoint)
-        tensors = reconstructed_tensors(keymap, base=vbase.get, merged=lambda k: decode(self.blobs.get(merged[k])),
-                                        mask=None, own=vbase.get)
-        aux = {p.name: p for p in vbase.checkpoint.aux_files()}
-        return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                           **layout_of(keymap, max_shard_bytes))
+        vbase = self._verified_base(self.registry.base(base))
+        merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
+        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress)
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
              model_class=None, device: str | torch.device | None = None, use_mask: bool = True):

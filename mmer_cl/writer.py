@@ -81,6 +81,7 @@ class ShardedWriter:
         if not specs:
             raise MmerError("nothing to write: the checkpoint would contain no tensors")
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         if groups is not None:
             by_name = {s.name: s for s in specs}
             self.shards = [[by_name[n] for n in g] for g in groups]

@@ -22,6 +22,7 @@ from registry import RegistryError
 from storage import BlobError
 
 ENV_STORE = "MMER_STORE"
+ENV_OBJECTS = "MMER_OBJECTS"
 DEFAULT_STORE = "mmer-store"
 
 
@@ -70,9 +71,10 @@ class Ctx:
     actor: str | None
     db_url: str | None
     quiet: bool
+    objects: str | None = None
 
     def open(self) -> Store:
-        return Store.open(self.store_path, url=self.db_url)
+        return Store.open(self.store_path, url=self.db_url, objects=self.objects)
 
     def progress(self, label: str) -> Progress:
         return Progress(label, self.quiet)
@@ -98,10 +100,14 @@ class MmerGroup(click.Group):
 @click.option("--actor", envvar="MMER_ACTOR", help="Who is acting, for the audit log (default: $MMER_ACTOR or "
               "your user name).")
 @click.option("--db-url", envvar="MMER_DB_URL", help="SQLAlchemy URL of the registry (default: SQLite in the store).")
+@click.option("--objects", envvar=ENV_OBJECTS, metavar="URL",
+              help="Where blobs live: a directory or an fsspec URL such as s3://bucket/prefix (default: objects/ in "
+              f"the store; or set {ENV_OBJECTS}). S3 credentials come from the standard AWS environment/config.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.version_option(package_name="mmer-cl")
 @click.pass_context
-def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, quiet: bool) -> None:
+def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, objects: str | None,
+        quiet: bool) -> None:
     """mmer: give one base LLM many modalities, without training (MMER).
 
     Fine-tuned multimodal models of one base are registered into a store;
@@ -118,7 +124,7 @@ def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | N
       mmer --store my-store export --entry vision out/vision
       mmer --store my-store report
     """
-    ctx.obj = Ctx(store_path, actor, db_url, quiet)
+    ctx.obj = Ctx(store_path, actor, db_url, quiet, objects)
 
 
 @cli.command()
@@ -137,9 +143,12 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
       mmer --store my-store init --base ./llama-base --name llama
     """
     with obj.progress("fingerprinting base") as bar:
-        store = Store.init(obj.store_path, base_path, base_name=name, actor=obj.actor, url=obj.db_url, progress=bar)
-    b = store.registry.bases()[-1]
-    click.echo(f"initialised {obj.store_path} with base {b.name!r} ({b.fingerprint[:12]})")
+        store = Store.init(obj.store_path, base_path, base_name=name, actor=obj.actor, url=obj.db_url, progress=bar,
+                           objects=obj.objects)
+    with store:
+        b = store.registry.bases()[-1]
+        where = store.blobs.location if obj.objects else obj.store_path
+    click.echo(f"initialised {where} with base {b.name!r} ({b.fingerprint[:12]})")
 
 
 @cli.command()

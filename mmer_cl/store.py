@@ -18,16 +18,14 @@ recorded sha256 whenever it is read.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import ContextManager, Iterable, Iterator, Sequence
 
 import torch
 
@@ -41,6 +39,7 @@ from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_ten
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.keymap import KeyMap
+from mmer_cl.locks import writer_lock
 from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
@@ -48,9 +47,10 @@ from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.task_vector import task_vector
 from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
                       RegistryError, VersionRecord, sqlite_url)
-from storage import Batch, BlobStore, decode, encode
+from storage import Batch, BlobError, BlobStore, decode, encode
 
 DB_NAME = "registry.db"
+LOCK_NAME = ".lock"
 ACC_PARTS = ("pos_sum", "neg_sum", "pos_count", "neg_count")
 MAX_RELATIVE_CHANGE = 0.5
 ENV_ACTOR = "MMER_ACTOR"
@@ -132,24 +132,33 @@ class VerifiedBase:
 class Store:
     """A directory holding ``registry.db`` and ``objects/``; see the module docstring."""
 
-    def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None):
+    def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None, *,
+                 objects: str | Path | None = None, create: bool = False):
         self.root = Path(root)
-        self.blobs = BlobStore(self.root)
+        try:
+            self.blobs = BlobStore.open(objects, create=create) if objects else BlobStore(self.root, create=create)
+        except BlobError as exc:
+            raise StoreError(str(exc)) from None
         self.registry = Registry(url or sqlite_url(self.root / DB_NAME))
         self.device = device or default_device()
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | Path, url: str | None = None, **kw) -> "Store":
+    def open(cls, root: str | Path, url: str | None = None, *, objects: str | Path | None = None,
+             **kw) -> "Store":
+        """An existing store: ``root`` holds the SQLite registry and ``objects/`` unless ``url`` (a
+        SQLAlchemy URL, e.g. ``postgresql://host/db``) or ``objects`` (a directory or URL such as
+        ``s3://bucket/prefix``) say otherwise. Nothing is created: a mistyped location is an error."""
         root = Path(root)
         if url is None and not (root / DB_NAME).exists():
             raise StoreError(f"no mmer store at {root}; create one with `mmer init --base PATH` "
                              "(or Store.init) or point --store / MMER_STORE at an existing one")
-        return cls(root, url, **kw)
+        return cls(root, url, objects=objects, **kw)
 
     @classmethod
     def init(cls, root: str | Path, base: str | Path, base_name: str | None = None, actor: str | None = None,
-             url: str | None = None, progress: Progress | None = None, **kw) -> "Store":
+             url: str | None = None, progress: Progress | None = None, *, objects: str | Path | None = None,
+             **kw) -> "Store":
         """Create a store (or add a base to one) and record the base model's fingerprint."""
         root = Path(root)
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
@@ -161,8 +170,9 @@ class Store:
             if progress:
                 progress(i, len(ckpt.infos), name)
         fingerprint = checkpoint_fingerprint((t.name, t.shape, t.dtype, t.sha256) for t in tensors)
-        root.mkdir(parents=True, exist_ok=True)
-        store = cls(root, url, **kw)
+        if url is None or objects is None:  # something lives in the store directory
+            root.mkdir(parents=True, exist_ok=True)
+        store = cls(root, url, objects=objects, create=True, **kw)
         with store._lock():
             store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
                                     actor or default_actor())
@@ -177,15 +187,10 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        """One writer at a time per store (readers are never blocked)."""
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self) -> ContextManager[None]:
+        """One writer at a time per store (readers are never blocked), across hosts where the registry is
+        shared: a PostgreSQL advisory lock there, a file lock beside a SQLite registry."""
+        return writer_lock(self.registry.engine, self.root / LOCK_NAME, self.registry.meta_value("store_id"))
 
     def base(self, name: str | None = None) -> BaseRecord:
         return self.registry.base(name)

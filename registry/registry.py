@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from sqlalchemy import create_engine, event, func, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from registry import postgres
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                               VersionRecord)
 from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
@@ -38,6 +40,14 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def shown_url(url: str) -> str:
+    """A database URL fit for messages: its password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: show only its scheme
+        return url.split("://", 1)[0] + "://..."
+
+
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path)}"
 
@@ -46,16 +56,37 @@ class Registry:
     """All reads and writes of the registry database."""
 
     def __init__(self, url: str):
-        self.url = url
-        self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
+        self.url = postgres.normalise_url(url)
+        try:
+            self.engine: Engine = create_engine(self.url)
+        except ImportError as exc:
+            raise RegistryError(f"the registry URL {shown_url(url)} needs a database driver that is not installed "
+                                f"({exc}); for PostgreSQL: pip install 'mmer-cl[postgres]'") from None
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "sqlite":
-                for trigger in APPEND_ONLY_TRIGGERS:
-                    conn.execute(text(trigger))
+        try:
+            with self.engine.begin() as conn:
+                if dialect == "postgresql":
+                    postgres.lock_schema(conn)
+                Base.metadata.create_all(conn)
+                if dialect == "sqlite":
+                    for trigger in APPEND_ONLY_TRIGGERS:
+                        conn.execute(text(trigger))
+                elif dialect == "postgresql":
+                    postgres.install_append_only(conn)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise RegistryError(f"cannot reach the registry at {shown_url(url)}: "
+                                f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}; "
+                                "check --db-url / MMER_DB_URL and that the server is up") from None
         self._check_schema()
+
+    def meta_value(self, key: str) -> str | None:
+        """A value of the registry's ``meta`` table (e.g. ``store_id``), None when unset."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            return row.value if row else None
 
     def _check_schema(self) -> None:
         with Session(self.engine) as s, s.begin():

@@ -1,7 +1,8 @@
 """Content-addressed, checksummed blob storage and tensor codecs. Knows nothing of models."""
 
+from storage.backends import Backend, BackendError, open_backend, scrub_url
 from storage.blobstore import Batch, BlobError, BlobStore, GcResult, sha256
 from storage.codecs import CodecError, decode, encode, encode_with, header_of
 
-__all__ = ["Batch", "BlobError", "BlobStore", "CodecError", "GcResult", "decode", "encode", "encode_with",
-           "header_of", "sha256"]
+__all__ = ["Backend", "BackendError", "Batch", "BlobError", "BlobStore", "CodecError", "GcResult", "decode",
+           "encode", "encode_with", "header_of", "open_backend", "scrub_url", "sha256"]

@@ -1,21 +1,24 @@
-"""A content-addressed blob store: files named by the sha256 of their bytes.
+"""A content-addressed blob store: objects named by the sha256 of their bytes.
 
-Writes are atomic (temp file, fsync, rename), identical content is stored
-once, and every read is verified against its name. :meth:`BlobStore.batch`
-groups writes so that a failed operation removes exactly the blobs it
-created. The store knows nothing of models or tensors.
+The bytes live in a :mod:`storage.backends` backend: a local directory
+(``root/objects/ab/cdef...``, the default) or any fsspec filesystem such as
+``s3://bucket/prefix``. Writes are atomic (an object appears whole or not at
+all under its final name), identical content is stored once, and every read
+is verified against its name. :meth:`BlobStore.batch` groups writes so that
+a failed operation removes exactly the blobs it created. The store knows
+nothing of models or tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from storage.backends import PAGE_SIZE, Backend, BackendError, open_backend
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -49,36 +52,58 @@ class GcResult:
     temp_files: int
 
 
-class BlobStore:
-    """Blobs under ``root/objects/ab/cdef...``."""
+def _key(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BlobError(f"{digest!r} is not a sha256 digest")
+    return f"{digest[:2]}/{digest[2:]}"
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.objects = self.root / "objects"
-        self.objects.mkdir(parents=True, exist_ok=True)
+
+class BlobStore:
+    """Blobs under ``root/objects/ab/cdef...``, or on the backend given.
+
+    ``BlobStore(root)`` is the local layout of a store directory;
+    :meth:`open` takes a directory or URL of the blob location itself.
+    ``create=False`` refuses a location that does not exist.
+    """
+
+    def __init__(self, root: str | Path | None = None, *, backend: Backend | None = None, create: bool = True):
+        if backend is None:
+            if root is None:
+                raise ValueError("BlobStore needs a root directory or a backend")
+            try:
+                backend = open_backend(Path(root) / "objects", create=create)
+            except BackendError as exc:
+                raise BlobError(str(exc)) from None
+        self.backend = backend
+        self.location = backend.location
+
+    @classmethod
+    def open(cls, location: str | Path, create: bool = False) -> "BlobStore":
+        """The blob store at a directory path or URL (``s3://bucket/prefix``, ``file:///dir``, ...)."""
+        try:
+            return cls(backend=open_backend(location, create=create))
+        except BackendError as exc:
+            raise BlobError(str(exc)) from None
+
+    @property
+    def objects(self) -> Path:
+        """The local objects directory (local backend only)."""
+        root = getattr(self.backend, "root", None)
+        if not isinstance(root, Path):
+            raise BlobError(f"blob location {self.location} is not a local directory")
+        return root
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST.match(digest):
-            raise BlobError(f"{digest!r} is not a sha256 digest")
-        return self.objects / digest[:2] / digest[2:]
+        """The file of a blob (local backend only; tools and tests inspect the layout with it)."""
+        key = _key(digest)
+        local = getattr(self.backend, "local_path", None)
+        if local is None:
+            raise BlobError(f"blob location {self.location} is not a local directory")
+        return local(key)
 
     def _put(self, data: bytes) -> tuple[str, bool]:
         digest = sha256(data)
-        target = self.path(digest)
-        if target.exists() and target.stat().st_size == len(data):
-            return digest, False
-        target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return digest, True
+        return digest, self.backend.put_if_absent(_key(digest), data)
 
     def put(self, data: bytes) -> str:
         """Store ``data`` (once) and return its sha256 digest."""
@@ -92,26 +117,25 @@ class BlobStore:
             yield batch
         except BaseException:
             for digest in batch.created:
-                self.path(digest).unlink(missing_ok=True)
+                self.backend.delete(_key(digest))
             raise
 
     def get(self, digest: str) -> bytes:
         """Read a blob and check that its bytes still hash to its name."""
-        path = self.path(digest)
         try:
-            data = path.read_bytes()
+            data = self.backend.get(_key(digest))
         except FileNotFoundError:
-            raise BlobError(f"blob {digest} is missing from {self.objects}; run `mmer audit`") from None
+            raise BlobError(f"blob {digest} is missing from {self.location}; run `mmer audit`") from None
         if sha256(data) != digest:
             raise BlobError(f"blob {digest} is damaged (its content no longer matches its checksum); "
                             "run `mmer audit` to see what it breaks")
         return data
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        return self.backend.exists(_key(digest))
 
     def size(self, digest: str) -> int:
-        return self.path(digest).stat().st_size
+        return self.backend.size(_key(digest))
 
     def verify(self, digest: str) -> str | None:
         """None when the blob is intact, else why not ('missing' or 'damaged')."""
@@ -121,24 +145,33 @@ class BlobStore:
             return "missing" if "missing" in str(exc) else "damaged"
         return None
 
-    def digests(self) -> Iterator[str]:
-        for sub in sorted(self.objects.iterdir()):
-            if sub.is_dir():
-                for f in sorted(sub.iterdir()):
-                    if not f.name.startswith("."):
-                        yield sub.name + f.name
+    def pages(self, page_size: int = PAGE_SIZE) -> Iterator[list[tuple[str, int]]]:
+        """(digest, stored size) of every blob, a bounded page at a time."""
+        for page in self.backend.list_pages(page_size):
+            out = [(key.replace("/", "", 1), size) for key, size in page]
+            yield [(d, s) for d, s in out if _DIGEST.match(d)]
 
-    def gc(self, referenced: Iterable[str]) -> GcResult:
+    def digests(self) -> Iterator[str]:
+        for page in self.pages():
+            for digest, _ in page:
+                yield digest
+
+    def gc(self, referenced: Iterable[str], page_size: int = PAGE_SIZE) -> GcResult:
         """Delete every blob not in ``referenced`` and any temp file left by a crash."""
         keep = set(referenced)
-        removed = freed = temps = 0
-        for digest in list(self.digests()):
-            if digest not in keep:
-                p = self.path(digest)
-                freed += p.stat().st_size
-                p.unlink()
-                removed += 1
-        for tmp in self.objects.glob("*/.tmp-*"):
-            tmp.unlink(missing_ok=True)
-            temps += 1
-        return GcResult(removed, freed, temps)
+        removed = freed = 0
+        for page in self.pages(page_size):
+            for digest, size in page:
+                if digest not in keep:
+                    freed += self.backend.delete(_key(digest)) or size
+                    removed += 1
+        return GcResult(removed, freed, self.backend.remove_temps())
+
+    # ---- the marker at the root of the blob location (store identity) -------------------
+    def read_marker(self) -> bytes | None:
+        """The marker object's bytes, or None when the location has none."""
+        return self.backend.read_marker()
+
+    def write_marker(self, data: bytes) -> None:
+        """Write (or replace) the marker object, atomically."""
+        self.backend.write_marker(data)

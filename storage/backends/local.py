@@ -49,7 +49,7 @@ class LocalBackend:
 
     def __init__(self, root: Path, create: bool = False):
         self.root = Path(root)
-        self.location = str(self.root)
+        self.location = str(self.root.absolute())
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():

@@ -2,6 +2,7 @@
 
 from storage.blobstore import Batch, BlobError, BlobStore, GcResult, sha256
 from storage.codecs import CodecError, decode, encode, encode_with, header_of
+from storage.reader import TensorReader
 
-__all__ = ["Batch", "BlobError", "BlobStore", "CodecError", "GcResult", "decode", "encode", "encode_with",
-           "header_of", "sha256"]
+__all__ = ["Batch", "BlobError", "BlobStore", "CodecError", "GcResult", "TensorReader", "decode", "encode",
+           "encode_with", "header_of", "sha256"]

@@ -13,7 +13,7 @@ import torch
 
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.masks import compute_masks, masked_abs_sums
-from mmer_cl.merging import merge, trim
+from mmer_cl.merging import TrimThreshold, apply_trim, merge, trim, trim_threshold
 from mmer_cl.params import MergeParams
 from mmer_cl.precision import as_working
 
@@ -22,14 +22,15 @@ from mmer_cl.precision import as_working
 class TensorExpansion:
     """The result for one parameter tensor.
 
-    ``accumulator`` is set for ``ties`` (it is what the next expansion folds
-    into); ``abs_sums[i]`` is ``(sum|tau_i|, sum|m_i * tau_*|)``, the pieces of
-    the EMR rescale.
+    ``thresholds[i]`` is what trimming kept of model ``i`` (``ties`` only; see
+    :class:`mmer_cl.merging.TrimThreshold`); ``abs_sums[i]`` is
+    ``(sum|tau_i|, sum|m_i * tau_*|)``, the pieces of the EMR rescale, and is
+    computed for the ``emr`` rule only (zeros otherwise).
     """
 
     merged: torch.Tensor
     masks: list[torch.Tensor]
-    accumulator: TiesAccumulator | None
+    thresholds: list[TrimThreshold | None]
     abs_sums: list[tuple[float, float]]
 
 
@@ -42,30 +43,40 @@ def accumulate(taus: Sequence[torch.Tensor], density: float,
     return acc
 
 
+def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
+                         alpha: float) -> torch.Tensor:
+    """The ties merge, trimming each task vector by its known threshold and folding them in order."""
+    acc = TiesAccumulator.zeros(taus[0].shape, taus[0].device, as_working(taus[0]).dtype)
+    for tau, threshold in zip(taus, thresholds):
+        acc = acc.add(apply_trim(tau, threshold))
+    return acc.merged(alpha)
+
+
 def expand_tensor(
     taus: Sequence[torch.Tensor],
     params: MergeParams,
     tensor_name: str = "",
-    previous: TiesAccumulator | None = None,
-    new_from: int = 0,
+    thresholds: Sequence[TrimThreshold | None] | None = None,
 ) -> TensorExpansion:
     """Merge ``taus`` and mask each of them.
 
-    With ``ties``, ``previous`` holds the accumulators of ``taus[:new_from]``
-    and only ``taus[new_from:]`` are folded in (an incremental expansion); all
-    masks are recomputed since they depend on the new merged vector.
+    With ``ties``, ``thresholds[i]`` (when given) is model ``i``'s trim of this
+    tensor from an earlier expansion at the same density, so only models
+    without one are trimmed by selection; the result is the same either way.
     """
     if not taus:
         raise ValueError("expand_tensor needs at least one task vector")
-    accumulator = None
+    found: list[TrimThreshold | None] = [None] * len(taus)
     if params.incremental:
-        if previous is None:
-            new_from = 0
-        accumulator = accumulate(taus[new_from:], params.density, previous)
-        merged = accumulator.merged(params.alpha)
+        known = list(thresholds) if thresholds is not None else [None] * len(taus)
+        found = [t if t is not None else trim_threshold(tau, params.density) for tau, t in zip(taus, known)]
+        merged = ties_from_thresholds(taus, found, params.alpha)
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
     masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam, k=params.k)
-    abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
-    return TensorExpansion(merged=merged, masks=masks, accumulator=accumulator, abs_sums=abs_sums)
+    if params.mask_rule == "emr":
+        abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
+    else:
+        abs_sums = [(0.0, 0.0)] * len(taus)
+    return TensorExpansion(merged=merged, masks=masks, thresholds=found, abs_sums=abs_sums)

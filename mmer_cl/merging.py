@@ -8,6 +8,7 @@ functions: no I/O, no global state; ``dare_ties`` takes an explicit seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -37,21 +38,77 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, round(density * numel)))
 
 
+@dataclass(frozen=True)
+class TrimThreshold:
+    """What trimming one tensor keeps, in two numbers: every entry whose ``|tau|`` is above ``bits``
+    (the magnitude's IEEE bit pattern, which orders like the magnitude) and the first ``ties``
+    entries, by position, that equal it. ``bits == -1`` keeps everything.
+
+    It is exact and tiny, so the store keeps it per entry and tensor: a later expansion trims an
+    earlier entry again with one comparison instead of a selection.
+    """
+
+    bits: int
+    ties: int
+
+
+_SORTABLE = {torch.float32: torch.int32, torch.float64: torch.int64}
+_DIRECT_SELECT = 1 << 20
+
+
+def sortable_magnitudes(tau: torch.Tensor) -> torch.Tensor:
+    """``|tau|`` as integers that order like the magnitudes (flat; working dtype)."""
+    a = as_working(tau).abs().reshape(-1)
+    return a.view(_SORTABLE[a.dtype])
+
+
+def _kth_largest(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative integer ``keys`` (1-based), by radix selection on 16-bit digits."""
+    width = 8 * keys.element_size()
+    shift = width - 16
+    while True:
+        if keys.numel() <= _DIRECT_SELECT or shift < 0:
+            return int(torch.topk(keys, k, sorted=True).values[-1])
+        digit = (keys >> shift) & 0xFFFF
+        hist = torch.bincount(digit, minlength=1 << 16)
+        from_top = hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+        bin_ = (1 << 16) - 1 - i
+        above = int(from_top[i]) - int(hist[bin_])
+        keys = keys[digit == bin_]
+        k -= above
+        shift -= 16
+
+
+def trim_threshold(tau: torch.Tensor, density: float) -> TrimThreshold:
+    """The threshold that keeps exactly ``keep_count(numel, density)`` entries of ``tau``."""
+    n = tau.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return TrimThreshold(-1, 0)
+    keys = sortable_magnitudes(tau)
+    t = _kth_largest(keys, k)
+    return TrimThreshold(t, k - int((keys > t).sum()))
+
+
+def apply_trim(tau: torch.Tensor, threshold: TrimThreshold) -> torch.Tensor:
+    """``tau`` with every entry that ``threshold`` does not keep set to zero (working dtype)."""
+    tau = as_working(tau)
+    keys = sortable_magnitudes(tau)
+    keep = keys > threshold.bits
+    if threshold.ties and threshold.bits > 0:  # kept zeros change nothing
+        tied = (keys == threshold.bits).nonzero().reshape(-1)[: threshold.ties]
+        keep[tied] = True
+    return torch.where(keep, tau.reshape(-1), torch.zeros((), dtype=tau.dtype, device=tau.device)).reshape(tau.shape)
+
+
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest ``|tau|``; zero the rest.
 
-    Exactly ``keep_count(numel, density)`` entries are kept (ties at the
-    threshold are broken by position, deterministically).
+    Exactly ``keep_count(numel, density)`` entries are kept; ties at the
+    threshold are broken by position (the earliest are kept).
     """
-    tau = as_working(tau)
-    k = keep_count(tau.numel(), density)
-    if k == tau.numel():
-        return tau.clone()
-    flat = tau.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.reshape(tau.shape)
+    return apply_trim(tau, trim_threshold(tau, density))
 
 
 def elect_sign(hats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -25,34 +25,32 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 
-from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
 from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import KeyMappingError, MmerError
-from mmer_cl.expansion import expand_tensor
+from mmer_cl.expansion_plan import commit_expansion, llm_shapes, plan_expansion, run_plan
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.keymap import KeyMap
 from mmer_cl.locks import writer_lock
-from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.task_vector import task_vector
 from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
                       RegistryError, VersionRecord, sqlite_url)
-from storage import Batch, BlobError, BlobStore, decode, encode
+from storage import Batch, BlobError, BlobStore, TensorReader, encode
 
 DB_NAME = "registry.db"
 LOCK_NAME = ".lock"
-ACC_PARTS = ("pos_sum", "neg_sum", "pos_count", "neg_count")
 MAX_RELATIVE_CHANGE = 0.5
+GroupRunner = Callable[..., list]  # (blobs, plan, *, progress) -> one GroupResult per plan group, in order
 ENV_ACTOR = "MMER_ACTOR"
 
 
@@ -101,11 +99,6 @@ class AuditReport:
         return not (self.damaged or self.dangling or self.base_problems)
 
 
-def llm_shapes(tensors: Iterable[BaseTensor]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the base's float tensors, in base order: the ones merging works on."""
-    return {t.name: t.shape for t in tensors if is_float_code(t.dtype)}
-
-
 class VerifiedBase:
     """Reads base tensors from their source path and checks each against its recorded sha256."""
 
@@ -139,6 +132,7 @@ class Store:
             self.blobs = BlobStore.open(objects, create=create) if objects else BlobStore(self.root, create=create)
         except BlobError as exc:
             raise StoreError(str(exc)) from None
+        self.reader = TensorReader(self.blobs)
         self.registry = Registry(url or sqlite_url(self.root / DB_NAME))
         self.device = device or default_device()
 
@@ -198,7 +192,7 @@ class Store:
     def blob_source(self, refs: Iterable[BlobRef]) -> TensorSource:
         """Tensors by key from blob rows, read (checksum-verified) and decoded on demand."""
         digests = {r.key: r.digest for r in refs}
-        return lambda key: decode(self.blobs.get(digests[key]))
+        return lambda key: self.reader.tensor(digests[key], key)
 
     def _verified_base(self, base: BaseRecord) -> VerifiedBase:
         return VerifiedBase(base, self.registry.base_tensors(base.id))
@@ -279,12 +273,15 @@ class Store:
 
     # ---- expand / remove -----------------------------------------------------------------
     def expand(self, params: MergeParams | None = None, *, base: str | None = None, actor: str | None = None,
-               progress: Progress | None = None) -> ExpandResult:
+               progress: Progress | None = None, runner: GroupRunner | None = None) -> ExpandResult:
         """Merge every active entry into a new version and move ``current`` to it.
 
         With ``ties`` and unchanged merge parameters, the merge folds only the
         entries new since the current version into its stored accumulators;
         every mask is recomputed. Parameters default to the current version's.
+        ``runner`` runs the tensor groups elsewhere (e.g.
+        :class:`mmer_cl.distributed.ray_expand.RayRunner`); the version is
+        committed here once every group has succeeded.
         """
         base_rec = self.registry.base(base)
         with self._lock():
@@ -296,10 +293,11 @@ class Store:
             if previous and [m.entry_id for m in previous.members] == [e.id for e in entries] \
                     and MergeParams.from_dict(previous.params) == params:
                 return ExpandResult(previous, False, False)
-            return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress)
+            return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress,
+                                     runner=runner)
 
     def remove(self, name: str, *, base: str | None = None, actor: str | None = None,
-               progress: Progress | None = None) -> VersionRecord | None:
+               progress: Progress | None = None, runner: GroupRunner | None = None) -> VersionRecord | None:
         """Remove an entry: a new version without it (None when it was the last). History stays."""
         base_rec = self.registry.base(base)
         actor = actor or default_actor()
@@ -313,57 +311,24 @@ class Store:
                 self.registry.remove_entry_without_version(base_rec.id, name, actor)
                 return None
             params = MergeParams.from_dict(previous.params) if previous else MergeParams()
-            return self._new_version(base_rec, rest, params, None, actor, progress, remove=name).version
+            return self._new_version(base_rec, rest, params, previous, actor, progress, remove=name,
+                                     runner=runner).version
 
     def _new_version(self, base_rec: BaseRecord, entries: list[EntryRecord], params: MergeParams,
                      previous: VersionRecord | None, actor: str, progress: Progress | None,
-                     remove: str | None = None) -> ExpandResult:
-        start = time.perf_counter()
-        prev_ids = [m.entry_id for m in previous.members] if previous else []
-        entry_ids = {e.id for e in entries}
-        incremental = bool(previous and params.incremental and prev_ids and set(prev_ids) <= entry_ids
-                           and MergeParams.from_dict(previous.params).merge_key() == params.merge_key())
-        if incremental:  # old members first, in their order: the accumulators already hold them
-            by_id = {e.id: e for e in entries}
-            entries = [by_id[i] for i in prev_ids] + [e for e in entries if e.id not in set(prev_ids)]
-            acc = {p: self.blob_source(self.registry.version_blobs(previous.id, f"acc.{p}")) for p in ACC_PARTS}
-        new_from = len(prev_ids) if incremental else 0
-        tv = [self.blob_source(self.registry.entry_blobs(e.id, "task_vector")) for e in entries]
-        keys = list(llm_shapes(self.registry.base_tensors(base_rec.id)))  # merging needs no base weights
-        kept = [0] * len(entries)
-        sums = [[0.0, 0.0] for _ in entries]
-        total = 0
-        refs: list[BlobRef] = []
+                     remove: str | None = None, runner: GroupRunner | None = None) -> ExpandResult:
+        """Plan, run every tensor group (here, or through ``runner``), and commit
+        (see :mod:`mmer_cl.expansion_plan`)."""
+        started = time.perf_counter()
+        plan = plan_expansion(self.registry, base_rec.id, entries, params, previous)
+        if runner is not None:  # a failure leaves only unreferenced blobs, which gc removes
+            results = runner(self.blobs, plan, progress=progress)
+            version = commit_expansion(self.registry, plan, results, actor, started, remove)
+            return ExpandResult(version, True, plan.incremental)
         with self.blobs.batch() as batch:
-            for step, key in enumerate(keys, start=1):
-                taus = [source(key).to(self.device) for source in tv]
-                prev_acc = None
-                if incremental:
-                    prev_acc = TiesAccumulator.from_dict({p: acc[p](key).to(self.device) for p in ACC_PARTS})
-                result = expand_tensor(taus, params, tensor_name=key, previous=prev_acc, new_from=new_from)
-                refs.append(self._put(batch, "merged", key, result.merged))
-                if result.accumulator is not None:
-                    for part, t in result.accumulator.to_dict().items():
-                        refs.append(self._put(batch, f"acc.{part}", key, t))
-                for i, (entry, mask) in enumerate(zip(entries, result.masks)):
-                    ref = self._put(batch, "mask", key, mask)
-                    refs.append(BlobRef(ref.role, ref.key, ref.digest, ref.stored_bytes, ref.raw_bytes, entry.id))
-                    kept[i] += int(mask.sum())
-                    sums[i][0] += result.abs_sums[i][0]
-                    sums[i][1] += result.abs_sums[i][1]
-                total += taus[0].numel()
-                if progress:
-                    progress(step, len(keys), key)
-            members = [Member(e.id, e.name, i, emr_rescale(*sums[i]) if params.mask_rule == "emr" else 1.0,
-                              kept[i] / max(total, 1)) for i, e in enumerate(entries)]
-            merge_read = ([f"accumulators of v{previous.number}"] if incremental else []) + \
-                [f"task vector of {e.name}" for e in entries[new_from:]]
-            details = {"incremental": incremental, "merge_read": merge_read,
-                       "new_entries": [e.name for e in entries[new_from:]] if incremental else [],
-                       "seconds": round(time.perf_counter() - start, 3)}
-            version = self.registry.add_version(base_rec.id, params.to_dict(), details, members, refs, actor,
-                                                remove_entry=remove)
-        return ExpandResult(version, True, incremental)
+            results = run_plan(self.reader, batch.put, plan, self.device, progress)
+            version = commit_expansion(self.registry, plan, results, actor, started, remove)
+        return ExpandResult(version, True, plan.incremental)
 
     # ---- versions ------------------------------------------------------------------------
     def entries(self, include_removed: bool = False, base: str | None = None) -> list[EntryRecord]:

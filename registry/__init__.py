@@ -1,9 +1,9 @@
 """The modality registry (SQLAlchemy): bases, entries, versions, aliases, audit log. Knows nothing of tensors."""
 
-from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Trim,
                               VersionRecord)
 from registry.registry import CURRENT, Registry, RegistryError, sqlite_url
 from registry.schema import SCHEMA_VERSION
 
 __all__ = ["CURRENT", "SCHEMA_VERSION", "BaseRecord", "BaseTensor", "BlobRef", "EntryRecord", "EventRecord",
-           "Member", "Registry", "RegistryError", "VersionRecord", "sqlite_url"]
+           "Member", "Registry", "RegistryError", "Trim", "VersionRecord", "sqlite_url"]

@@ -19,6 +19,17 @@ class BlobRef:
 
 
 @dataclass(frozen=True)
+class Trim:
+    """A cached trim threshold: entry, density, tensor key and the two integers that define it."""
+
+    entry_id: int
+    density: float
+    key: str
+    bits: int
+    ties: int
+
+
+@dataclass(frozen=True)
 class BaseTensor:
     name: str
     shape: tuple[int, ...]

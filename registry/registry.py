@@ -18,11 +18,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from registry import postgres
-from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Trim,
                               VersionRecord)
 from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
-                             EntryBlobRow, EntryRow, EventRow, Meta, VersionBlobRow, VersionMemberRow, VersionRow,
-                             utcnow)
+                             EntryBlobRow, EntryRow, EventRow, Meta, TrimRow, VersionBlobRow, VersionMemberRow,
+                             VersionRow, utcnow)
 
 CURRENT = "current"
 BUSY_TIMEOUT_MS = 30_000
@@ -216,12 +216,16 @@ class Registry:
 
     # ---- versions ------------------------------------------------------------------------
     def add_version(self, base_id: int, params: dict, details: dict, members: Sequence[Member],
-                    blobs: Sequence[BlobRef], actor: str, remove_entry: str | None = None) -> VersionRecord:
+                    blobs: Sequence[BlobRef], actor: str, remove_entry: str | None = None,
+                    trims: Sequence[Trim] = ()) -> VersionRecord:
         """Write a new version, move ``current`` to it, and log it, in one transaction.
 
-        ``remove_entry`` marks that entry removed in the same transaction.
+        ``remove_entry`` marks that entry removed in the same transaction;
+        ``trims`` are cached trim thresholds computed on the way (ones already
+        recorded are skipped).
         """
         with self._tx() as s:
+            self._add_trims(s, trims)
             number = (s.scalar(select(func.max(VersionRow.number)).where(VersionRow.base_id == base_id)) or 0) + 1
             alias = self._alias_row(s, base_id, CURRENT)
             before = self._alias_label(s, alias)
@@ -300,6 +304,24 @@ class Registry:
                 existing = list(s.scalars(select(VersionRow.number).where(VersionRow.base_id == base_id)))
                 raise RegistryError(f"no version {number}; versions: {existing or 'none yet (run expand)'}")
             return self._version_record(s, row)
+
+    @staticmethod
+    def _add_trims(s: Session, trims: Sequence[Trim]) -> None:
+        seen = set()
+        for entry_id, density in {(t.entry_id, t.density) for t in trims}:
+            seen |= {(entry_id, density, k) for k in s.scalars(
+                select(TrimRow.key).where(TrimRow.entry_id == entry_id, TrimRow.density == density))}
+        for t in trims:
+            if (t.entry_id, t.density, t.key) not in seen:
+                seen.add((t.entry_id, t.density, t.key))
+                s.add(TrimRow(entry_id=t.entry_id, density=t.density, key=t.key, bits=t.bits, ties=t.ties))
+
+    def trims(self, entry_ids: Sequence[int], density: float) -> dict[tuple[int, str], Trim]:
+        """Cached trim thresholds of these entries at ``density``, by (entry id, tensor key)."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(TrimRow).where(TrimRow.entry_id.in_(list(entry_ids)),
+                                                   TrimRow.density == density))
+            return {(r.entry_id, r.key): Trim(r.entry_id, r.density, r.key, r.bits, r.ties) for r in rows}
 
     def version_blobs(self, version_id: int, role: str | None = None) -> list[BlobRef]:
         return self._blob_refs(VersionBlobRow, VersionBlobRow.version_id, version_id, role)

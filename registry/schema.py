@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA_VERSION = 1
@@ -116,6 +116,24 @@ class VersionBlobRow(BlobColumns, Base):
     __tablename__ = "version_blobs"
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
     entry_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), nullable=True)
+
+
+class TrimRow(Base):
+    """What trimming kept of one entry's task vector for one tensor at one density.
+
+    Two integers that let a later expansion trim the entry again with one
+    comparison (see ``mmer_cl.merging.TrimThreshold``): a cache, derivable
+    from the task vector, written with the version that first computed it.
+    """
+
+    __tablename__ = "trims"
+    __table_args__ = (UniqueConstraint("entry_id", "density", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)
+    density: Mapped[float] = mapped_column(Float)
+    key: Mapped[str] = mapped_column(Text)
+    bits: Mapped[int] = mapped_column(BigInteger)
+    ties: Mapped[int] = mapped_column(BigInteger)
 
 
 class AliasRow(Base):

@@ -24,14 +24,16 @@ def test_incremental_ties_equals_batch_ties(n):
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
-def test_expand_tensor_folds_only_the_new_models_into_previous_accumulators(n):
+def test_expand_tensor_with_known_trims_of_earlier_models_equals_a_fresh_expansion(n):
     taus = random_taus(n, seed=10 + n)
     params = MergeParams(density=0.25)
-    previous = accumulate(taus[:-1], params.density)
-    incremental = expand_tensor(taus, params, previous=previous, new_from=n - 1)
-    batch = expand_tensor(taus, params)
-    assert torch.allclose(incremental.merged, batch.merged, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(incremental.masks, batch.masks))
+    fresh = expand_tensor(taus, params)
+    known = fresh.thresholds[:-1] + [None]  # the newest model is trimmed by selection
+    incremental = expand_tensor(taus, params, thresholds=known)
+    assert torch.equal(incremental.merged, fresh.merged)
+    assert incremental.thresholds == fresh.thresholds
+    assert all(torch.equal(a, b) for a, b in zip(incremental.masks, fresh.masks))
+    assert torch.allclose(fresh.merged, ties(taus, density=0.25), atol=1e-6)
 
 
 def test_remove_undoes_add():

@@ -33,13 +33,15 @@ def store(family, tmp_path):
     s.close()
 
 
-def test_second_expansion_folds_only_the_new_entry_into_the_accumulators(store, family, tmp_path):
+def test_second_expansion_trims_only_the_new_entry_and_is_coded_against_the_first(store, family, tmp_path):
     v1 = store.expand()
     assert v1.created and not v1.incremental
+    assert v1.version.details["trimmed"] == ["vision", "audio"]
     store.register(family / "video", "video", "video", "qa")
     v2 = store.expand()
     assert v2.incremental and v2.version.number == 2
-    assert v2.version.details["merge_read"] == ["accumulators of v1", "task vector of video"]
+    assert v2.version.details["trimmed"] == ["video"]  # the others' cached trims are reused
+    assert v2.version.details["coded_against"] == "v1"
     # The incremental result equals a batch merge of all three, exported through the register-free path.
     batch = merge_checkpoints(family / "base", [family / "vision", family / "audio", family / "video"],
                               tmp_path / "batch")
@@ -120,7 +122,7 @@ def test_model_from_another_base_is_refused_and_the_store_is_unchanged(store, tm
 def test_failed_expand_leaves_the_store_exactly_as_before(store, monkeypatch):
     store.expand()
     before = snapshot(store.root)
-    import mmer_cl.store as store_module
+    import mmer_cl.expansion_plan as store_module
 
     calls = {"n": 0}
     real = store_module.expand_tensor

@@ -1,0 +1,270 @@
+"""An expansion in three steps, so that it runs on one machine or spread over workers.
+
+1. :func:`plan_expansion` (the driver, which reads the registry): the
+   members in merge order, and for every LLM tensor the blobs a worker will
+   read (task vectors, the previous version's merged vector and masks) and
+   the cached trims. The plan is plain picklable data.
+2. :func:`expand_group` (anywhere the blob store is reachable): for one group
+   of tensors, decode the task vectors, merge, mask, code the results
+   against the previous version and write the blobs. It needs only the blob
+   store, never the registry. :func:`run_plan` runs every group here, reading
+   the next tensor's blobs on a second thread while it computes.
+3. :func:`commit_expansion` (the driver): the version, its members, its blob
+   rows and the new trims in one registry transaction.
+
+Groups: a large tensor alone, consecutive small ones together, so that the
+masks of small tensors share one blob (see :mod:`storage.delta`).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from mmer_cl.dtypes import is_float_code
+from mmer_cl.errors import MmerError
+from mmer_cl.expansion import expand_tensor
+from mmer_cl.masks import emr_rescale
+from mmer_cl.merging import TrimThreshold
+from mmer_cl.params import MergeParams
+from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
+from storage import TensorReader, encode
+from storage.delta import MaskPackBuilder, encode_delta
+
+PACK_TARGET = 1 << 22  # parameters per group of small tensors
+Put = Callable[[bytes], str]
+Progress = Callable[[int, int, str], None]
+
+
+def llm_shapes(tensors: Iterable[BaseTensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the base's float tensors, in base order: the ones merging works on."""
+    return {t.name: t.shape for t in tensors if is_float_code(t.dtype)}
+
+
+@dataclass(frozen=True)
+class PlanMember:
+    entry_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One LLM tensor: the blobs to read, per member in merge order."""
+
+    key: str
+    numel: int
+    task_vectors: tuple[str, ...]
+    thresholds: tuple[tuple[int, int] | None, ...]
+    prev_merged: str | None
+    prev_masks: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class ExpansionPlan:
+    base_id: int
+    params: MergeParams
+    members: tuple[PlanMember, ...]
+    groups: tuple[tuple[TensorJob, ...], ...]
+    previous: int | None
+    incremental: bool
+    new_members: tuple[str, ...]
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [job for group in self.groups for job in group]
+
+
+@dataclass
+class GroupResult:
+    refs: list[BlobRef] = field(default_factory=list)
+    trims: list[Trim] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    abs_sums: list[list[float]] = field(default_factory=list)
+    numel: int = 0
+
+
+def _groups(jobs: Sequence[TensorJob]) -> tuple[tuple[TensorJob, ...], ...]:
+    groups: list[list[TensorJob]] = []
+    size = PACK_TARGET
+    for job in jobs:
+        if job.numel >= PACK_TARGET or size >= PACK_TARGET:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.numel
+    return tuple(tuple(g) for g in groups)
+
+
+def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryRecord], params: MergeParams,
+                   previous: VersionRecord | None) -> ExpansionPlan:
+    """Decide the merge order and name every blob the expansion reads.
+
+    When the previous version merged a subset of ``entries`` with the same
+    merge parameters, its members keep their order and the new entries
+    follow, so their cached trims apply (``incremental``). Results are coded
+    against ``previous`` wherever that is smaller, whatever the parameters.
+    """
+    prev_ids = [m.entry_id for m in previous.members] if previous else []
+    ids = {e.id for e in entries}
+    incremental = bool(previous and params.incremental and prev_ids and set(prev_ids) <= ids
+                       and MergeParams.from_dict(previous.params).merge_key() == params.merge_key())
+    if incremental:
+        by_id = {e.id: e for e in entries}
+        entries = [by_id[i] for i in prev_ids] + [e for e in entries if e.id not in set(prev_ids)]
+    task_vectors = {e.id: {r.key: r.digest for r in registry.entry_blobs(e.id, "task_vector")} for e in entries}
+    trims = registry.trims([e.id for e in entries], params.density) if params.incremental else {}
+    prev_merged = {r.key: r.digest for r in registry.version_blobs(previous.id, "merged")} if previous else {}
+    prev_masks = {(r.entry_id, r.key): r.digest for r in registry.version_blobs(previous.id, "mask")} \
+        if previous else {}
+    jobs = []
+    for key, shape in llm_shapes(registry.base_tensors(base_id)).items():
+        missing = [e.name for e in entries if key not in task_vectors[e.id]]
+        if missing:
+            raise MmerError(f"entries {missing} have no task vector for {key}; run `mmer audit`")
+        cached = [trims.get((e.id, key)) for e in entries]
+        jobs.append(TensorJob(
+            key=key, numel=int(torch.Size(shape).numel()),
+            task_vectors=tuple(task_vectors[e.id][key] for e in entries),
+            thresholds=tuple((t.bits, t.ties) if t else None for t in cached),
+            prev_merged=prev_merged.get(key),
+            prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries)))
+    new = tuple(e.name for e in entries if e.id not in set(prev_ids)) if incremental else ()
+    return ExpansionPlan(base_id, params, tuple(PlanMember(e.id, e.name) for e in entries), _groups(jobs),
+                         previous.number if previous else None, incremental, new)
+
+
+@dataclass
+class _Inputs:
+    taus: list[torch.Tensor]
+    prev_merged: tuple[torch.Tensor, int] | None
+    prev_masks: list[tuple[torch.Tensor, int] | None]
+
+
+def _load(reader: TensorReader, job: TensorJob, device: torch.device) -> _Inputs:
+    taus = [reader.tensor(d).to(device) for d in job.task_vectors]
+    prev = None
+    if job.prev_merged:
+        prev = (reader.tensor(job.prev_merged), reader.depth(job.prev_merged))
+    masks = [(reader.tensor(d, job.key), reader.depth(d, job.key)) if d else None for d in job.prev_masks]
+    return _Inputs(taus, prev, masks)
+
+
+def _prefetched(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
+                ) -> Iterator[tuple[TensorJob, _Inputs]]:
+    """The jobs with their decoded inputs, the next one decoding on a second thread meanwhile."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-load") as pool:
+        pending = pool.submit(_load, reader, jobs[0], device) if jobs else None
+        for i, job in enumerate(jobs):
+            inputs = pending.result()
+            pending = pool.submit(_load, reader, jobs[i + 1], device) if i + 1 < len(jobs) else None
+            yield job, inputs
+
+
+class _GroupWriter:
+    """Codes one group's results against the previous version and writes them through ``put``."""
+
+    def __init__(self, plan: ExpansionPlan, put: Put):
+        self.plan, self.put = plan, put
+        n = len(plan.members)
+        self.result = GroupResult(kept=[0] * n, abs_sums=[[0.0, 0.0] for _ in range(n)])
+        self.packs = [MaskPackBuilder() for _ in range(n)]
+
+    def add(self, job: TensorJob, inputs: _Inputs) -> None:
+        plan, result = self.plan, self.result
+        thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
+        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds)
+        for member, known, found in zip(plan.members, thresholds, out.thresholds):
+            if known is None and found is not None:
+                result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
+        merged = out.merged.cpu()
+        coded = None
+        if inputs.prev_merged is not None:
+            parent, depth = inputs.prev_merged
+            coded = encode_delta(merged, parent, job.prev_merged, depth)
+        if coded is not None:
+            blob, support = coded
+        else:
+            blob, support = encode(merged), None
+        digest = self.put(blob)
+        result.refs.append(BlobRef("merged", job.key, digest, len(blob), merged.numel() * merged.element_size()))
+        for i, mask in enumerate(out.masks):
+            mask = mask.cpu()
+            prev = inputs.prev_masks[i]
+            parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
+            self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None)
+            result.kept[i] += int(mask.sum())
+            result.abs_sums[i][0] += out.abs_sums[i][0]
+            result.abs_sums[i][1] += out.abs_sums[i][1]
+        result.numel += job.numel
+
+    def finish(self) -> GroupResult:
+        for member, pack in zip(self.plan.members, self.packs):
+            if not len(pack):
+                continue
+            blob = pack.finish()
+            digest = self.put(blob)
+            total, left = pack.numel, len(blob)
+            for n, m in enumerate(pack.members):
+                share = left if n == len(pack.members) - 1 else len(blob) * m["nbits"] // max(total, 1)
+                left -= share
+                numel = int(torch.Size(m["shape"]).numel())
+                self.result.refs.append(BlobRef("mask", m["key"], digest, share, numel, member.entry_id))
+        return self.result
+
+
+def expand_group(reader: TensorReader, put: Put, plan: ExpansionPlan, group: Sequence[TensorJob],
+                 device: torch.device | str = "cpu") -> GroupResult:
+    """Expand one group of tensors; every blob is written through ``put``. Needs no registry."""
+    return run_plan(reader, put, plan, device, groups=[group])[0]
+
+
+def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.device | str = "cpu",
+             progress: Progress | None = None,
+             groups: Sequence[Sequence[TensorJob]] | None = None) -> list[GroupResult]:
+    """Expand ``groups`` (default: all of the plan's) here, one tensor at a time, decoding ahead."""
+    groups = plan.groups if groups is None else groups
+    device = torch.device(device)
+    jobs = [job for g in groups for job in g]
+    ends = set()
+    count = 0
+    for g in groups:
+        count += len(g)
+        ends.add(count)
+    results, writer = [], _GroupWriter(plan, put)
+    for step, (job, inputs) in enumerate(_prefetched(reader, jobs, device), start=1):
+        writer.add(job, inputs)
+        if step in ends:
+            results.append(writer.finish())
+            writer = _GroupWriter(plan, put)
+        if progress:
+            progress(step, len(jobs), job.key)
+    return results
+
+
+def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[GroupResult], actor: str,
+                     started: float, remove: str | None = None) -> VersionRecord:
+    """Record the version, in one transaction, once every group has succeeded."""
+    n = len(plan.members)
+    kept = [sum(r.kept[i] for r in results) for i in range(n)]
+    sums = [[sum(r.abs_sums[i][j] for r in results) for j in (0, 1)] for i in range(n)]
+    total = max(sum(r.numel for r in results), 1)
+    emr = plan.params.mask_rule == "emr"
+    members = [Member(m.entry_id, m.name, i, emr_rescale(*sums[i]) if emr else 1.0, kept[i] / total)
+               for i, m in enumerate(plan.members)]
+    trims = [t for r in results for t in r.trims]
+    trimmed = sorted({m.name for m in plan.members for t in trims if t.entry_id == m.entry_id})
+    details = {
+        "incremental": plan.incremental,
+        "new_entries": list(plan.new_members),
+        "merge_read": [f"task vector of {m.name}" for m in plan.members],
+        "trimmed": [m.name for m in plan.members if m.name in trimmed],
+        "coded_against": f"v{plan.previous}" if plan.previous else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    refs = [ref for r in results for ref in r.refs]
+    return registry.add_version(plan.base_id, plan.params.to_dict(), details, members, refs, actor,
+                                remove_entry=remove, trims=trims)

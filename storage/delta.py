@@ -1,0 +1,132 @@
+"""Blobs coded against earlier blobs: a version's tensors stored as changes to the previous version's.
+
+An expansion changes the merged vector only where a new entry's trimmed
+vector (or a removed one's) is nonzero, and each mask only where the merged
+vector changed. So a version is stored as:
+
+* ``delta`` (float tensors): ``parent`` names the blob of the same tensor in
+  an earlier version; part 0 is the *support*, a bit map of the positions
+  whose value changed; part 1 holds the new values there (byte planes).
+* ``maskpack`` (masks): the masks of one entry for one or more tensors in
+  one zstd stream, so small tensors do not each pay a blob's overhead. A
+  member is either a full mask (every bit) or a change to an earlier mask
+  (``parent``, the pack holding that mask under the same key), holding only
+  the bits at the positions of ``support`` (the ``delta`` blob of the merged
+  vector whose support map it shares).
+
+Each coded member records its ``depth`` (its parent's plus one); encoders
+start afresh beyond :data:`MAX_DEPTH`, so a read never walks a long chain.
+These functions are pure: parents and supports arrive as tensors, and
+:class:`storage.reader.TensorReader` fetches them by digest when decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from storage.codecs import (bits_payload, dtype_name, numel_of, pack, pack_bits, planes_payload, unbits,
+                            unplanes, unzstd, zstd)
+
+MAX_DEPTH = 8
+MAX_SUPPORT_FRACTION = 0.6
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (so -0.0 differs from 0.0 and NaN equals itself)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.contiguous().view(ints) == b.contiguous().view(ints)
+
+
+def encode_delta(new: torch.Tensor, parent: torch.Tensor, parent_digest: str,
+                 parent_depth: int) -> tuple[bytes, torch.Tensor] | None:
+    """A ``delta`` blob of ``new`` against ``parent`` and its support, or None where a full blob is better."""
+    if parent_depth >= MAX_DEPTH or new.shape != parent.shape or new.dtype != parent.dtype or not new.numel():
+        return None
+    flat = new.detach().to("cpu").reshape(-1)
+    support = ~same_bits(flat, parent.detach().to("cpu").reshape(-1))
+    if int(support.sum()) > MAX_SUPPORT_FRACTION * flat.numel():
+        return None
+    header = {"codec": "delta", "dtype": dtype_name(new.dtype), "shape": list(new.shape), "parent": parent_digest,
+              "depth": parent_depth + 1}
+    return pack(header, bits_payload(support), planes_payload(flat[support])), support
+
+
+def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
+    return unbits(parts[0], numel_of(header["shape"]))
+
+
+def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) -> torch.Tensor:
+    support = decode_support(header, parts)
+    out = parent.detach().to("cpu").reshape(-1).clone()
+    out[support] = unplanes(parts[1], out.dtype, [int(support.sum())])
+    return out.reshape(header["shape"])
+
+
+@dataclass
+class MaskPackBuilder:
+    """Collects one entry's masks for several tensors and writes them as one ``maskpack`` blob."""
+
+    members: list[dict] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, key: str, mask: torch.Tensor, parent: tuple[str, torch.Tensor, int] | None = None,
+            support: tuple[str, torch.Tensor] | None = None) -> None:
+        """Add ``mask``; coded against ``parent`` (pack digest, mask, depth) where the change lies in ``support``."""
+        flat = mask.detach().to("cpu").reshape(-1)
+        member = {"key": key, "shape": list(mask.shape)}
+        if parent is not None and support is not None and parent[2] < MAX_DEPTH:
+            parent_digest, old, depth = parent
+            sup_digest, sup = support
+            old = old.detach().to("cpu").reshape(-1)
+            if old.shape == flat.shape and not bool(((flat != old) & ~sup).any()):
+                member.update(parent=parent_digest, support=sup_digest, depth=depth + 1)
+                flat = flat[sup]
+        member["nbits"] = int(flat.numel())
+        self.members.append(member)
+        self.chunks.append(pack_bits(flat))
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def numel(self) -> int:
+        return sum(m["nbits"] for m in self.members)
+
+    def finish(self) -> bytes:
+        payload = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.uint8)
+        return pack({"codec": "maskpack", "members": self.members}, zstd(payload.data))
+
+
+def mask_members(header: dict) -> dict[str, dict]:
+    return {m["key"]: m for m in header["members"]}
+
+
+def member_bits(header: dict, payload: bytes, key: str) -> tuple[dict, torch.Tensor]:
+    """One member's header and its stored bits, from a decompressed ``maskpack`` payload."""
+    offset = 0
+    for m in header["members"]:
+        nbytes = (m["nbits"] + 7) // 8
+        if m["key"] == key:
+            raw = np.frombuffer(payload, dtype=np.uint8, count=nbytes, offset=offset)
+            return m, torch.from_numpy(np.unpackbits(raw, count=m["nbits"]).view(np.bool_))
+        offset += nbytes
+    raise KeyError(key)
+
+
+def decompress_pack(parts: list[memoryview]) -> bytes:
+    return unzstd(parts[0])
+
+
+def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    out = old.detach().to("cpu").reshape(-1).clone()
+    out[support] = bits
+    return out.reshape(shape)
+
+
+def full_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    if bits.numel() != numel_of(shape):
+        raise ValueError("mask member size does not match its shape")
+    return bits.reshape(shape)

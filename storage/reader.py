@@ -1,0 +1,102 @@
+"""Reading tensors from blobs by digest, resolving blobs coded against other blobs.
+
+:class:`TensorReader` verifies every blob it reads (through the blob store),
+decodes self-contained codecs directly and resolves ``delta`` / ``maskpack``
+members by reading their parents and supports. A small byte-bounded cache
+keeps decompressed mask packs and support maps, which several tensors or
+masks of one version share. Thread-safe: the expansion decodes on a loader
+thread while it computes on another.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+from storage.blobstore import BlobStore
+from storage.codecs import CodecError, decode_parts, unpack
+from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, full_mask,
+                           member_bits)
+
+DEFAULT_CACHE_BYTES = 256 * 1024**2
+
+
+class _LRU:
+    def __init__(self, limit: int):
+        self.limit, self.used, self.items = limit, 0, OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+        return None
+
+    def put(self, key, value, size: int) -> None:
+        if size > self.limit:
+            return
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = (value, size)
+            self.used += size
+            while self.used > self.limit:
+                _, (_, s) = self.items.popitem(last=False)
+                self.used -= s
+
+
+class TensorReader:
+    """Decoded tensors by blob digest (and member key, for mask packs)."""
+
+    def __init__(self, blobs: BlobStore, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.blobs = blobs
+        self._cache = _LRU(cache_bytes)
+
+    def header(self, digest: str) -> dict:
+        return unpack(self.blobs.get(digest))[0]
+
+    def tensor(self, digest: str, key: str | None = None) -> torch.Tensor:
+        """The tensor stored in blob ``digest`` (member ``key`` of a mask pack)."""
+        header, parts = unpack(self.blobs.get(digest))
+        codec = header["codec"]
+        if codec == "delta":
+            return decode_delta(header, parts, self.tensor(header["parent"], key))
+        if codec == "maskpack":
+            if key is None:
+                raise CodecError(f"blob {digest} packs several masks; name the tensor key to read")
+            return self._mask(digest, header, parts, key)
+        return decode_parts(header, parts)
+
+    def depth(self, digest: str, key: str | None = None) -> int:
+        """How many parents a read of this blob (member) walks."""
+        header = self.header(digest)
+        if header["codec"] == "maskpack" and key is not None:
+            member = next((m for m in header["members"] if m["key"] == key), {})
+            return int(member.get("depth", 0))
+        return int(header.get("depth", 0))
+
+    def support(self, digest: str) -> torch.Tensor:
+        """The changed-positions map of a ``delta`` blob (flat bool)."""
+        cached = self._cache.get(("support", digest))
+        if cached is not None:
+            return cached
+        header, parts = unpack(self.blobs.get(digest))
+        if header["codec"] != "delta":
+            raise CodecError(f"blob {digest} is not a delta blob and has no support map")
+        sup = decode_support(header, parts)
+        self._cache.put(("support", digest), sup, sup.numel())
+        return sup
+
+    def _mask(self, digest: str, header: dict, parts, key: str) -> torch.Tensor:
+        payload = self._cache.get(("pack", digest))
+        if payload is None:
+            payload = decompress_pack(parts)
+            self._cache.put(("pack", digest), payload, len(payload))
+        member, bits = member_bits(header, payload, key)
+        if "parent" not in member:
+            return full_mask(bits, member["shape"])
+        old = self.tensor(member["parent"], key)
+        return apply_mask_change(old, self.support(member["support"]), bits, member["shape"])

@@ -194,9 +194,13 @@ def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, ll
 @click.option("--k", type=int, help="Models that must agree, for consensus [2].")
 @click.option("--seed", type=int, help="Seed of dare_ties [0].")
 @click.option("--base", help="Base name, when the store holds several.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the tensor groups as Ray tasks: on the cluster at ADDRESS (host:port, ray://host:10001, "
+              "auto), or with no ADDRESS the one RAY_ADDRESS names / a local one. Workers read and write the "
+              "shared blob location (--objects), so it must be reachable from every node.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 @click.pass_obj
-def expand(obj: Ctx, base: str | None, as_json: bool, **overrides) -> None:
+def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, **overrides) -> None:
     """Merge all registered entries into a new version and make it current.
 
     With ties and unchanged merge parameters, only the entries added since
@@ -207,18 +211,29 @@ def expand(obj: Ctx, base: str | None, as_json: bool, **overrides) -> None:
     Examples:
       mmer expand
       mmer expand --density 0.3 --lambda 0.8
+      mmer --db-url postgresql://db/mmer --objects s3://bucket/mmer expand --ray ray://head:10001
     """
     with obj.open() as store:
         current = store.registry.version(store.base(base).id)
         start = MergeParams.from_dict(current.params) if current else MergeParams()
         given = {k: v for k, v in overrides.items() if v is not None}
         params = MergeParams(**{**start.to_dict(), **given})
-        with obj.progress("expanding") as bar:
-            result = store.expand(params, base=base, actor=obj.actor, progress=bar)
+        runner = None
+        if ray_address is not None:
+            from mmer_cl.distributed.ray_expand import RayRunner
+
+            runner = RayRunner(ray_address or None)
+        with obj.progress("expanding (tensor groups)" if runner else "expanding") as bar:
+            result = store.expand(params, base=base, actor=obj.actor, progress=bar, runner=runner)
     v = result.version
+    moved = runner.summary() if runner is not None and result.created else None
     if as_json:
-        emit_json({"created": result.created, "incremental": result.incremental, "version": v})
+        emit_json({"created": result.created, "incremental": result.incremental, "version": v,
+                   **({"distributed": moved} if moved else {})})
         return
+    if moved:
+        click.echo(f"ray: {moved['groups']} tensor groups on {len(moved['workers'])} worker processes; read "
+                   f"{human_bytes(moved['read_bytes'])}, wrote {human_bytes(moved['written_bytes'])}")
     if not result.created:
         click.echo(f"version {v.number} is already current with these entries and parameters; nothing to do")
         return

@@ -44,7 +44,8 @@ def bucket_url(s3):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3):
+    """A local Ray cluster with 2 worker CPUs; started after the S3 server so workers see its endpoint."""
     cluster = _start("Ray", servers.start_ray)
     yield cluster
     cluster.stop()

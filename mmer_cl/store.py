@@ -123,7 +123,13 @@ class VerifiedBase:
 
 
 class Store:
-    """A directory holding ``registry.db`` and ``objects/``; see the module docstring."""
+    """A registry and a blob location; see the module docstring.
+
+    By default both live in the directory ``root`` (``registry.db``,
+    ``objects/``). ``url`` puts the registry elsewhere (any SQLAlchemy URL;
+    ``postgresql://`` for one shared by many hosts) and ``objects`` the
+    blobs (a directory or an fsspec URL such as ``s3://bucket/prefix``).
+    """
 
     def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None, *,
                  objects: str | Path | None = None, create: bool = False):

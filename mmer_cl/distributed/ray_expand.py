@@ -99,6 +99,11 @@ def run_group(location: str, plan, index: int, group: Sequence, group_fn=None, d
     return index, result, traffic
 
 
+def _last_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1].rstrip(".") if lines else "no message"
+
+
 def _group_label(group: Sequence) -> str:
     keys = [getattr(job, "key", str(job)) for job in group]
     return keys[0] if len(keys) == 1 else f"{keys[0]} .. {keys[-1]} ({len(keys)} tensors)"
@@ -164,7 +169,7 @@ class RayRunner:
                     ray.cancel(other, force=True)
                 raise DistributedError(
                     f"tensor group {index + 1}/{len(groups)} ({_group_label(groups[index])}) failed on the "
-                    f"Ray cluster: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}. "
+                    f"Ray cluster: {type(exc).__name__}: {_last_line(exc)}. "
                     "Nothing was committed; blobs the finished groups wrote are unreferenced and `mmer gc` "
                     "removes them. Fix the cause and run expand again.") from None
             results[index] = result

@@ -185,18 +185,24 @@ class _GroupWriter:
         if inputs.prev_merged is not None:
             parent, depth = inputs.prev_merged
             coded = encode_delta(merged, parent, job.prev_merged, depth)
-        if coded is not None:
-            blob, support = coded
+        raw = merged.numel() * merged.element_size()
+        if coded is not None and not bool(coded[1].any()):  # unchanged: the previous blob serves again
+            digest, support = job.prev_merged, None
+            result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
         else:
-            blob, support = encode(merged), None
-        digest = self.put(blob)
-        result.refs.append(BlobRef("merged", job.key, digest, len(blob), merged.numel() * merged.element_size()))
+            blob, support = coded if coded is not None else (encode(merged), None)
+            digest = self.put(blob)
+            result.refs.append(BlobRef("merged", job.key, digest, len(blob), raw))
         for i, mask in enumerate(out.masks):
             mask = mask.cpu()
-            prev = inputs.prev_masks[i]
-            parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
-            self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None)
             result.kept[i] += int(mask.sum())
+            prev = inputs.prev_masks[i]
+            if prev is not None and torch.equal(prev[0], mask):  # unchanged: point at the previous pack
+                result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
+                                           plan.members[i].entry_id))
+            else:
+                parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
+                self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None)
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
         result.numel += job.numel

@@ -87,3 +87,85 @@ def test_gc_removes_unreferenced_blobs_and_temp_files(tmp_path):
 def test_digest_names_are_validated(tmp_path):
     with pytest.raises(BlobError, match="not a sha256"):
         BlobStore(tmp_path).path("../../etc/passwd")
+
+
+def _reader_with(tmp_path):
+    from storage import TensorReader
+
+    blobs = BlobStore(tmp_path)
+    return blobs, TensorReader(blobs)
+
+
+def test_a_changed_tensor_is_stored_as_its_changes_to_the_parent(tmp_path):
+    from storage.delta import encode_delta
+
+    blobs, reader = _reader_with(tmp_path)
+    old = torch.randn(1000, dtype=torch.float32)
+    new = old.clone()
+    new[::10] = torch.randn(100)
+    parent = blobs.put(encode(old))
+    blob, support = encode_delta(new, old, parent, 0)
+    assert header_of(blob)["codec"] == "delta" and header_of(blob)["parent"] == parent
+    assert int(support.sum()) == 100
+    digest = blobs.put(blob)
+    assert torch.equal(reader.tensor(digest), new)
+    assert len(blob) < len(encode(new)) / 3
+
+
+def test_a_tensor_that_changed_almost_everywhere_is_stored_whole():
+    from storage.delta import encode_delta
+
+    old = torch.randn(1000)
+    assert encode_delta(old + 1, old, "0" * 64, 0) is None
+
+
+def test_chains_stop_at_the_maximum_depth():
+    from storage.delta import MAX_DEPTH, encode_delta
+
+    old = torch.randn(100)
+    new = old.clone()
+    new[0] = 5.0
+    assert encode_delta(new, old, "0" * 64, MAX_DEPTH - 1) is not None
+    assert encode_delta(new, old, "0" * 64, MAX_DEPTH) is None
+
+
+def test_mask_packs_hold_full_masks_and_changes_confined_to_a_support(tmp_path):
+    from storage.delta import MaskPackBuilder, encode_delta
+
+    blobs, reader = _reader_with(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    masks = {f"t{i}": torch.rand(8, 8, generator=gen) < 0.7 for i in range(3)}
+    first = MaskPackBuilder()
+    for key, m in masks.items():
+        first.add(key, m)
+    pack1 = blobs.put(first.finish())
+    assert all(torch.equal(reader.tensor(pack1, k), m) for k, m in masks.items())
+
+    merged_old, merged_new = torch.randn(64), torch.randn(64)
+    merged_new[32:] = merged_old[32:]  # only the first half of the merged vector changed
+    blob, support = encode_delta(merged_new, merged_old, blobs.put(encode(merged_old)), 0)
+    merged_digest = blobs.put(blob)
+    second = MaskPackBuilder()
+    changed = {}
+    for key, m in masks.items():
+        new = m.clone().reshape(-1)
+        new[:32] = ~new[:32]  # changes only inside the support
+        changed[key] = new.reshape(8, 8)
+        second.add(key, changed[key], parent=(pack1, m, 0), support=(merged_digest, support))
+    assert all("parent" in member for member in second.members)
+    assert second.numel == 3 * 32  # only the bits inside the support are stored
+    pack2 = blobs.put(second.finish())
+    assert all(torch.equal(reader.tensor(pack2, k), m) for k, m in changed.items())
+
+
+def test_a_mask_change_outside_the_support_is_stored_whole():
+    from storage.delta import MaskPackBuilder
+
+    old = torch.zeros(16, dtype=torch.bool)
+    new = old.clone()
+    new[15] = True
+    support = torch.zeros(16, dtype=torch.bool)
+    support[:4] = True
+    pack = MaskPackBuilder()
+    pack.add("t", new, parent=("0" * 64, old, 0), support=("1" * 64, support))
+    assert "parent" not in pack.members[0] and pack.numel == 16

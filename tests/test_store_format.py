@@ -1,0 +1,94 @@
+"""How versions are stored: coded against the previous version, immutable, exported bit for bit."""
+
+from pathlib import Path
+
+import pytest
+
+import mmer_cl.expansion_plan as expansion_plan
+import storage.delta as delta
+from mmer_cl import MergeParams
+from mmer_cl.store import Store
+from storage import header_of
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def grown(family, tmp_path):
+    """A store that gained its entries one expansion at a time: v1 (vision, audio), v2 (+ video)."""
+    s = Store.init(tmp_path / "store", family / "base", actor="ci")
+    s.register(family / "vision", "vision", "vision")
+    s.register(family / "audio", "audio", "audio")
+    s.expand(MergeParams(density=0.3))
+    s.register(family / "video", "video", "video")
+    s.expand()
+    yield s
+    s.close()
+
+
+def test_a_later_version_stores_only_what_changed(grown):
+    v2 = grown.version(2)
+    merged = grown.registry.version_blobs(v2.id, "merged")
+    codecs = {header_of(grown.blobs.get(r.digest))["codec"] for r in merged}
+    assert codecs == {"delta"}
+    for r in grown.registry.version_blobs(v2.id, "mask"):
+        header = header_of(grown.blobs.get(r.digest))
+        member = next(m for m in header["members"] if m["key"] == r.key)
+        assert header["codec"] == "maskpack"
+        # Earlier entries' masks are changes to v1's; the new entry's mask is whole.
+        assert ("parent" in member) == (r.entry_id != grown.registry.entry(1, "video").id)
+
+
+def test_a_delta_coded_version_equals_expanding_the_same_entries_from_scratch(grown, family, tmp_path):
+    fresh = Store.init(tmp_path / "fresh", family / "base", actor="ci")
+    for name in ("vision", "audio", "video"):
+        fresh.register(family / name, name, name)
+    fresh.expand(MergeParams(density=0.3))
+    for name in ("vision", "audio", "video"):
+        ours = files_of(grown.export(name, tmp_path / "ours" / name))
+        theirs = files_of(fresh.export(name, tmp_path / "theirs" / name))
+        assert ours == theirs, name
+
+
+def test_old_versions_export_bit_for_bit_after_expansions_removals_and_rollbacks(grown, family, tmp_path):
+    before = {(v, n): files_of(grown.export(n, tmp_path / f"before-{v}-{n}", version=v))
+              for v, names in ((1, ["vision", "audio"]), (2, ["vision", "audio", "video"])) for n in names}
+    grown.remove("audio")
+    grown.expand(MergeParams(density=0.5, lam=0.8))
+    grown.rollback(2)
+    grown.register(family / "audio", "audio2", "audio")
+    grown.expand()
+    for (v, n), files in before.items():
+        assert files_of(grown.export(n, tmp_path / f"after-{v}-{n}", version=v)) == files, (v, n)
+    assert grown.audit().ok
+
+
+def test_reads_never_walk_more_than_the_maximum_chain(family, tmp_path, monkeypatch):
+    monkeypatch.setattr(delta, "MAX_DEPTH", 2)
+    s = Store.init(tmp_path / "store", family / "base", actor="ci")
+    s.register(family / "vision", "vision", "vision")
+    s.expand(MergeParams(density=0.2))
+    reference = files_of(s.export("vision", tmp_path / "v1"))
+    for name in ("audio", "video"):  # v2 and v3: each coded against the one before
+        s.register(family / name, name, name)
+        s.expand()
+    s.remove("audio")  # v4 would be a third link: it starts afresh
+    depths = {v.number: max(s.reader.depth(r.digest) for r in s.registry.version_blobs(v.id, "merged"))
+              for v in s.versions()}
+    assert depths == {1: 0, 2: 1, 3: 2, 4: 0}
+    assert files_of(s.export("vision", tmp_path / "again", version=1)) == reference
+
+
+def test_trims_are_computed_once_per_entry_and_density(grown, monkeypatch):
+    calls = []
+    real = expansion_plan.expand_tensor
+
+    def spy(taus, params, tensor_name="", thresholds=None):
+        calls.append(sum(t is None for t in thresholds))
+        return real(taus, params, tensor_name=tensor_name, thresholds=thresholds)
+
+    monkeypatch.setattr(expansion_plan, "expand_tensor", spy)
+    grown.expand(MergeParams(density=0.3, lam=0.9))  # same density: every trim is cached
+    assert calls and set(calls) == {0}

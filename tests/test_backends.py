@@ -143,3 +143,21 @@ def test_a_store_can_keep_its_blobs_elsewhere(family, tmp_path):
         assert not (tmp_path / "store" / "objects").exists()
     with Store.open(tmp_path / "store", objects=objects) as store:
         assert [e.name for e in store.entries()] == ["vision"] and store.audit().ok
+
+
+def test_the_cli_takes_the_blob_location_from_mmer_objects(family, tmp_path):
+    from click.testing import CliRunner
+
+    from mmer_cl.cli import cli
+
+    objects = f"memory://env-{uuid.uuid4().hex}/blobs"
+    runner = CliRunner()
+    env = {"MMER_OBJECTS": objects}
+    store = ["--store", str(tmp_path / "s"), "-q"]
+    assert runner.invoke(cli, [*store, "init", "--base", str(family / "base")], env=env).exit_code == 0
+    result = runner.invoke(cli, [*store, "register", str(family / "audio"), "--name", "audio", "--modality",
+                                 "audio"], env=env)
+    assert result.exit_code == 0, result.output
+    assert len(list(BlobStore.open(objects).digests())) > 0 and not (tmp_path / "s" / "objects").exists()
+    missing = runner.invoke(cli, [*store, "entries"], env={"MMER_OBJECTS": objects + "-typo"})
+    assert missing.exit_code == 2 and "no blob location at memory://" in missing.output

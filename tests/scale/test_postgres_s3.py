@@ -136,3 +136,17 @@ def test_a_mistyped_blob_location_is_refused_not_created(family, pg_url, bucket_
     run = cli_runner("--db-url", pg_url, "--objects", "s3://AKIAEXAMPLE:topsecret@bucket/store")
     out = run("entries", code=2)
     assert "topsecret" not in out and "credentials in a blob location URL are refused" in out
+
+
+def test_a_writer_on_another_host_waits_for_the_advisory_lock(family, pg_url, bucket_url, tmp_path):
+    store = Store.init(tmp_path / "here", family / "base", url=pg_url, objects=bucket_url)
+    with store._lock():  # this "host" is writing
+        other = mmer_process(tmp_path / "there", "--db-url", pg_url, "--objects", bucket_url, "register",
+                             family / "vision", "--name", "vision", "--modality", "vision")
+        time.sleep(8)
+        assert other.poll() is None, "the other host must wait while the lock is held"
+        assert store.entries() == []
+    out, _ = other.communicate(timeout=300)
+    assert other.returncode == 0, out
+    assert [e.name for e in store.entries()] == ["vision"]
+    store.close()

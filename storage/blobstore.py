@@ -39,9 +39,16 @@ class Batch:
     created: list[str] = field(default_factory=list)
 
     def put(self, data: bytes) -> str:
-        digest, new = self.store._put(data)
-        if new:
-            self.created.append(digest)
+        digest = sha256(data)
+        existed = self.store._complete(digest, len(data))
+        if existed:
+            return digest
+        try:
+            self.store._put(data)
+        except BaseException:  # even when interrupted right after the object appeared: it is ours to remove
+            self.store.backend.delete(_key(digest))
+            raise
+        self.created.append(digest)
         return digest
 
 
@@ -101,6 +108,13 @@ class BlobStore:
             raise BlobError(f"blob location {self.location} is not a local directory")
         return local(key)
 
+    def _complete(self, digest: str, size: int) -> bool:
+        """Whether the blob is stored whole (an object of its size is under its name)."""
+        try:
+            return self.backend.size(_key(digest)) == size
+        except FileNotFoundError:
+            return False
+
     def _put(self, data: bytes) -> tuple[str, bool]:
         digest = sha256(data)
         return digest, self.backend.put_if_absent(_key(digest), data)
@@ -150,6 +164,10 @@ class BlobStore:
         for page in self.backend.list_pages(page_size):
             out = [(key.replace("/", "", 1), size) for key, size in page]
             yield [(d, s) for d, s in out if _DIGEST.match(d)]
+
+    def has_blobs(self) -> bool:
+        """Whether any blob is stored (reads one page at most)."""
+        return next(self.digests(), None) is not None
 
     def digests(self) -> Iterator[str]:
         for page in self.pages():

@@ -161,3 +161,20 @@ def test_the_cli_takes_the_blob_location_from_mmer_objects(family, tmp_path):
     assert len(list(BlobStore.open(objects).digests())) > 0 and not (tmp_path / "s" / "objects").exists()
     missing = runner.invoke(cli, [*store, "entries"], env={"MMER_OBJECTS": objects + "-typo"})
     assert missing.exit_code == 2 and "no blob location at memory://" in missing.output
+
+
+def test_a_batch_interrupted_after_its_blob_appeared_still_removes_it(blobs, monkeypatch):
+    """The object is written, then the writer is interrupted before it can note the blob as its own."""
+    inner = blobs.backend.put_if_absent
+
+    def put_then_interrupt(key, data):
+        inner(key, data)
+        raise KeyboardInterrupt
+
+    kept = blobs.put(b"already there")
+    monkeypatch.setattr(blobs.backend, "put_if_absent", put_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with blobs.batch() as batch:
+            assert batch.put(b"already there") == kept  # existing: not written, not ours
+            batch.put(b"brand new")
+    assert list(blobs.digests()) == [kept] and blobs.has_blobs()

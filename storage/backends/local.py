@@ -37,6 +37,7 @@ def _atomic_write(target: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; blobs and the marker are readable like any store file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -102,7 +103,7 @@ class LocalBackend:
 
     def remove_temps(self) -> int:
         n = 0
-        for tmp in self.root.glob(f"*/{TEMP_PREFIX}*"):
+        for tmp in [*self.root.glob(f"*/{TEMP_PREFIX}*"), *self.root.glob(f"{TEMP_PREFIX}*")]:
             tmp.unlink(missing_ok=True)
             n += 1
         return n

@@ -67,7 +67,7 @@ def measure(layers: int, tensor_mb: int, models: int, workers: int, threads: int
         local.expand()
         local_s = time.perf_counter() - t
 
-        ray.init(num_cpus=workers, object_store_memory=200 * 2**20, include_dashboard=False,
+        ray.init(address="local", num_cpus=workers, object_store_memory=200 * 2**20, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
         try:
             runner = RayRunner()

@@ -163,7 +163,7 @@ def start_ray(num_cpus: int = 2) -> RayCluster:
         raise Unavailable("ray is not installed (pip install 'mmer-cl[ray]')") from None
     # Workers import this checkout's packages, whatever is installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p)
-    ctx = ray.init(num_cpus=num_cpus, object_store_memory=200 * 2**20, include_dashboard=False,
+    ctx = ray.init(address="local", num_cpus=num_cpus, object_store_memory=200 * 2**20, include_dashboard=False,
                    _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     return RayCluster(ctx.address_info.get("address") or ctx.address_info.get("gcs_address", ""))
 

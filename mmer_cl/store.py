@@ -190,7 +190,15 @@ class Store:
     def _lock(self) -> ContextManager[None]:
         """One writer at a time per store (readers are never blocked), across hosts where the registry is
         shared: a PostgreSQL advisory lock there, a file lock beside a SQLite registry."""
-        return writer_lock(self.registry.engine, self.root / LOCK_NAME, self.registry.meta_value("store_id"))
+        return writer_lock(self.registry.engine, self._lock_file(), self.registry.meta_value("store_id"))
+
+    def _lock_file(self) -> Path:
+        """Beside the SQLite database: ``root/.lock`` for the default ``root/registry.db``, else ``DB.lock``,
+        so every client of one database shares it whatever its working directory."""
+        db = self.registry.engine.url.database if self.registry.engine.dialect.name == "sqlite" else None
+        if not db or db == ":memory:" or Path(db).resolve() == (self.root / DB_NAME).resolve():
+            return self.root / LOCK_NAME
+        return Path(db).with_name(Path(db).name + ".lock")
 
     def base(self, name: str | None = None) -> BaseRecord:
         return self.registry.base(name)

@@ -178,3 +178,16 @@ def test_a_batch_interrupted_after_its_blob_appeared_still_removes_it(blobs, mon
             assert batch.put(b"already there") == kept  # existing: not written, not ours
             batch.put(b"brand new")
     assert list(blobs.digests()) == [kept] and blobs.has_blobs()
+
+
+def test_a_store_whose_registry_and_blobs_both_live_elsewhere_needs_no_store_directory(family, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared' / 'registry.db'}"
+    (tmp_path / "shared").mkdir()
+    objects = f"memory://apart-{uuid.uuid4().hex}/blobs"
+    with Store.init(tmp_path / "nowhere", family / "base", url=url, objects=objects) as store:
+        store.register(family / "vision", "vision", "vision")
+        assert store.expand().created
+    assert not (tmp_path / "nowhere").exists()
+    assert (tmp_path / "shared" / "registry.db.lock").exists()  # the writer lock sits beside the database
+    with Store.open(tmp_path / "elsewhere", url=url, objects=objects) as store:
+        assert [m.entry_name for m in store.version().members] == ["vision"]

@@ -186,6 +186,7 @@ class _GroupWriter:
             parent, depth = inputs.prev_merged
             coded = encode_delta(merged, parent, job.prev_merged, depth)
         raw = merged.numel() * merged.element_size()
+        nonzero = (merged != 0).reshape(-1)  # masks are ordered by it (see MaskPackBuilder.add)
         if coded is not None and not bool(coded[1].any()):  # unchanged: the previous blob serves again
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
@@ -202,7 +203,8 @@ class _GroupWriter:
                                            plan.members[i].entry_id))
             else:
                 parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
-                self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None)
+                self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None,
+                                  context=(digest, nonzero))
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
         result.numel += job.numel

@@ -61,7 +61,7 @@ def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
 def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) -> torch.Tensor:
     support = decode_support(header, parts)
     out = parent.detach().to("cpu").reshape(-1).clone()
-    out[support] = unplanes(parts[1], out.dtype, [int(support.sum())])
+    out[support] = delta_values(header, parts, support)
     return out.reshape(header["shape"])
 
 
@@ -73,10 +73,20 @@ class MaskPackBuilder:
     chunks: list[np.ndarray] = field(default_factory=list)
 
     def add(self, key: str, mask: torch.Tensor, parent: tuple[str, torch.Tensor, int] | None = None,
-            support: tuple[str, torch.Tensor] | None = None) -> None:
-        """Add ``mask``; coded against ``parent`` (pack digest, mask, depth) where the change lies in ``support``."""
+            support: tuple[str, torch.Tensor] | None = None, context: tuple[str, torch.Tensor] | None = None,
+            ) -> None:
+        """Add ``mask``.
+
+        It is coded against ``parent`` (pack digest, mask, depth) where the
+        change lies inside ``support`` (delta blob digest, its support map).
+        Otherwise it is stored whole; with a ``context`` (blob digest, bool
+        map the decoder can rebuild, such as where the merged vector is
+        nonzero) its bits are ordered by context, so that a mask that is
+        predictable on one side costs almost nothing there.
+        """
         flat = mask.detach().to("cpu").reshape(-1)
         member = {"key": key, "shape": list(mask.shape)}
+        coded = False
         if parent is not None and support is not None and parent[2] < MAX_DEPTH:
             parent_digest, old, depth = parent
             sup_digest, sup = support
@@ -84,6 +94,11 @@ class MaskPackBuilder:
             if old.shape == flat.shape and not bool(((flat != old) & ~sup).any()):
                 member.update(parent=parent_digest, support=sup_digest, depth=depth + 1)
                 flat = flat[sup]
+                coded = True
+        if not coded and context is not None and context[1].numel() == flat.numel():
+            ctx = context[1].detach().to("cpu").reshape(-1)
+            member["context"] = context[0]
+            flat = torch.cat([flat[ctx], flat[~ctx]])
         member["nbits"] = int(flat.numel())
         self.members.append(member)
         self.chunks.append(pack_bits(flat))
@@ -126,7 +141,20 @@ def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tens
     return out.reshape(shape)
 
 
-def full_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None = None) -> torch.Tensor:
     if bits.numel() != numel_of(shape):
         raise ValueError("mask member size does not match its shape")
-    return bits.reshape(shape)
+    if context is None:
+        return bits.reshape(shape)
+    out = torch.empty_like(bits)
+    inside = int(context.sum())
+    out[context] = bits[:inside]
+    out[~context] = bits[inside:]
+    return out.reshape(shape)
+
+
+def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -> torch.Tensor:
+    """The new values a ``delta`` blob holds, in support order."""
+    from storage.codecs import dtype_of
+
+    return unplanes(parts[1], dtype_of(header["dtype"]), [int(support.sum())])

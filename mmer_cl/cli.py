@@ -16,7 +16,7 @@ import click
 
 from mmer_cl.errors import MmerError
 from mmer_cl.params import MergeParams
-from mmer_cl.report import format_report, human_bytes
+from mmer_cl.report import format_report, human_bytes, plot_report
 from mmer_cl.store import Store
 from registry import RegistryError
 from storage import BlobError
@@ -354,19 +354,26 @@ def parse_size(text: str) -> int:
 @click.option("--no-svd", is_flag=True, help="Skip the SVD fidelity comparison (slow on big models).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw size against reconstruction error (MMER, LoRA ranks, full copies) to this PNG.")
 @click.pass_obj
-def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool) -> None:
+def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool,
+           plot: Path | None) -> None:
     """Storage cost of a version against full copies and LoRA adapters.
 
-    Reports bytes on disk of the merged vector, accumulators, each mask
-    (density, bits per parameter and the entropy bound H(density)) and each
-    modality side; against N full fine-tuned copies and N LoRA adapters of
-    each rank on all linear layers; and the relative error of LoRA extracted
-    from each task vector by SVD next to MMER's own.
+    Counts every byte the store holds on disk (task vectors, merged
+    vectors, masks, modality sides, files, the registry; the total is what
+    `du -sb` says), split into what serving a version needs (base + merged +
+    masks + modality sides) and what is kept only to re-merge later; against
+    N full fine-tuned copies and N LoRA adapters of each rank on all linear
+    layers; per entry, each mask's density, bits per parameter and the
+    entropy bound H(density); and the relative error of LoRA extracted from
+    each task vector by SVD next to MMER's own.
 
     \b
-    Example:
+    Examples:
       mmer report --ranks 8,64 --json
+      mmer report --plot size-vs-error.png
     """
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
@@ -375,6 +382,9 @@ def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | 
     with obj.open() as store, obj.progress("measuring") as bar:
         r = store.report(version, base, rank_list, svd=not no_svd, progress=bar)
     emit_json(r) if as_json else click.echo(format_report(r))
+    if plot:
+        plot_report(r, plot)
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 @cli.command()

@@ -22,6 +22,7 @@ These functions are pure: parents and supports arrive as tensors, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,18 +112,30 @@ class MaskPackBuilder:
         return sum(m["nbits"] for m in self.members)
 
     def finish(self) -> bytes:
+        """The blob: part 0 the members (JSON, zstd), part 1 every member's bits in one zstd stream."""
         payload = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.uint8)
-        return pack({"codec": "maskpack", "members": self.members}, zstd(payload.data))
+        members = json.dumps(self.members, separators=(",", ":")).encode()
+        return pack({"codec": "maskpack", "count": len(self.members)}, zstd(members), zstd(payload.data))
 
 
-def mask_members(header: dict) -> dict[str, dict]:
-    return {m["key"]: m for m in header["members"]}
+def pack_members(parts: list[memoryview]) -> list[dict]:
+    """The member list of a ``maskpack`` blob (key, shape, nbits and, where coded, parent/support/context)."""
+    return json.loads(unzstd(parts[0]))
 
 
-def member_bits(header: dict, payload: bytes, key: str) -> tuple[dict, torch.Tensor]:
-    """One member's header and its stored bits, from a decompressed ``maskpack`` payload."""
+def linked_digests(header: dict, parts: list[memoryview]) -> set[str]:
+    """Blobs that decoding this one reads: parents, supports and contexts."""
+    out = {header["parent"]} if "parent" in header else set()
+    if header.get("codec") == "maskpack":
+        for m in pack_members(parts):
+            out |= {m[f] for f in ("parent", "support", "context") if f in m}
+    return out
+
+
+def member_bits(members: list[dict], payload: bytes, key: str) -> tuple[dict, torch.Tensor]:
+    """One member's entry and its stored bits, from a decompressed ``maskpack`` payload."""
     offset = 0
-    for m in header["members"]:
+    for m in members:
         nbytes = (m["nbits"] + 7) // 8
         if m["key"] == key:
             raw = np.frombuffer(payload, dtype=np.uint8, count=nbytes, offset=offset)
@@ -132,7 +145,7 @@ def member_bits(header: dict, payload: bytes, key: str) -> tuple[dict, torch.Ten
 
 
 def decompress_pack(parts: list[memoryview]) -> bytes:
-    return unzstd(parts[0])
+    return unzstd(parts[1])
 
 
 def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from storage.blobstore import BlobStore
 from storage.codecs import CodecError, decode_parts, unpack
 from storage.codecs import unbits
 from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, delta_values,
-                           full_mask, member_bits)
+                           full_mask, linked_digests, member_bits, pack_members)
 
 DEFAULT_CACHE_BYTES = 256 * 1024**2
 
@@ -71,11 +71,26 @@ class TensorReader:
             return self._mask(digest, header, parts, key)
         return decode_parts(header, parts)
 
+    def members(self, digest: str) -> list[dict]:
+        """The members of a ``maskpack`` blob."""
+        cached = self._cache.get(("members", digest))
+        if cached is None:
+            header, parts = unpack(self.blobs.get(digest))
+            if header["codec"] != "maskpack":
+                raise CodecError(f"blob {digest} is not a mask pack")
+            cached = pack_members(parts)
+            self._cache.put(("members", digest), cached, 200 * len(cached))
+        return cached
+
+    def links(self, digest: str) -> set[str]:
+        """The blobs that reading this one also reads (parents, supports, contexts)."""
+        return linked_digests(*unpack(self.blobs.get(digest)))
+
     def depth(self, digest: str, key: str | None = None) -> int:
         """How many parents a read of this blob (member) walks."""
         header = self.header(digest)
         if header["codec"] == "maskpack" and key is not None:
-            member = next((m for m in header["members"] if m["key"] == key), {})
+            member = next((m for m in self.members(digest) if m["key"] == key), {})
             return int(member.get("depth", 0))
         return int(header.get("depth", 0))
 
@@ -113,7 +128,7 @@ class TensorReader:
         if payload is None:
             payload = decompress_pack(parts)
             self._cache.put(("pack", digest), payload, len(payload))
-        member, bits = member_bits(header, payload, key)
+        member, bits = member_bits(self.members(digest), payload, key)
         if "parent" not in member:
             context = self.nonzero(member["context"]) if "context" in member else None
             return full_mask(bits, member["shape"], context)

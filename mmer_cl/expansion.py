@@ -45,11 +45,27 @@ def accumulate(taus: Sequence[torch.Tensor], density: float,
 
 def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
                          alpha: float) -> torch.Tensor:
-    """The ties merge, trimming each task vector by its known threshold and folding them in order."""
-    acc = TiesAccumulator.zeros(taus[0].shape, taus[0].device, as_working(taus[0]).dtype)
+    """The ties merge, trimming each task vector by its known threshold and folding them in order.
+
+    The same sums, in the same order, as :class:`TiesAccumulator` (so the
+    same bits), computed in place: the hot loop of every expansion.
+    """
+    first = as_working(taus[0])
+    pos, neg, scratch = torch.zeros_like(first), torch.zeros_like(first), torch.empty_like(first)
+    n_pos = torch.zeros(first.shape, dtype=torch.int32, device=first.device)
+    n_neg = torch.zeros_like(n_pos)
     for tau, threshold in zip(taus, thresholds):
-        acc = acc.add(apply_trim(tau, threshold))
-    return acc.merged(alpha)
+        hat = apply_trim(tau, threshold)
+        pos.add_(torch.clamp(hat, min=0, out=scratch))
+        neg.add_(torch.clamp(hat, max=0, out=scratch))
+        n_pos.add_(hat > 0)
+        n_neg.add_(hat < 0)
+    total = torch.add(pos, neg, out=scratch)
+    pos.div_(n_pos.clamp_(min=1))
+    neg.div_(n_neg.clamp_(min=1))
+    merged = torch.where(total > 0, pos, torch.where(total < 0, neg, torch.zeros((), dtype=pos.dtype,
+                                                                                  device=pos.device)))
+    return merged if alpha == 1.0 else alpha * merged
 
 
 def expand_tensor(

@@ -33,7 +33,7 @@ from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import TensorReader, encode
-from storage.delta import MaskPackBuilder, encode_delta
+from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
 Put = Callable[[bytes], str]
@@ -194,19 +194,25 @@ class _GroupWriter:
             blob, support = coded if coded is not None else (encode(merged), None)
             digest = self.put(blob)
             result.refs.append(BlobRef("merged", job.key, digest, len(blob), raw))
-        for i, mask in enumerate(out.masks):
-            mask = mask.cpu()
-            result.kept[i] += int(mask.sum())
+        masks = [m.cpu() for m in out.masks]
+        parents = []
+        for i, mask in enumerate(masks):
+            result.kept[i] += int(torch.count_nonzero(mask))
+            result.abs_sums[i][0] += out.abs_sums[i][0]
+            result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
             if prev is not None and torch.equal(prev[0], mask):  # unchanged: point at the previous pack
                 result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
                                            plan.members[i].entry_id))
+                parents.append(None)
+                masks[i] = None
             else:
-                parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
-                self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None,
-                                  context=(digest, nonzero))
-            result.abs_sums[i][0] += out.abs_sums[i][0]
-            result.abs_sums[i][1] += out.abs_sums[i][1]
+                parents.append((job.prev_masks[i], prev[0], prev[1]) if prev is not None else None)
+        changed = [i for i, m in enumerate(masks) if m is not None]
+        coded = code_masks(job.key, [masks[i] for i in changed], [parents[i] for i in changed],
+                           (digest, support) if support is not None else None, (digest, nonzero))
+        for i, (member, bits) in zip(changed, coded):
+            self.packs[i].add_coded(member, bits)
         result.numel += job.numel
 
     def finish(self) -> GroupResult:

@@ -31,7 +31,10 @@ def mmer_mask(tau: torch.Tensor, merged: torch.Tensor, lam: float = 1.0) -> torc
     if lam < 0:
         raise ConfigError(f"lambda must be >= 0, got {lam}")
     tau, merged = common([as_working(tau), as_working(merged.to(tau.device))])
-    return tau.abs() >= lam * (tau - merged).abs()
+    gap = torch.sub(tau, merged).abs_()
+    if lam != 1.0:
+        gap.mul_(lam)
+    return tau.abs() >= gap
 
 
 def emr_mask(tau: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:

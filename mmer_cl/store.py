@@ -43,9 +43,10 @@ from mmer_cl.keymap import KeyMap
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
+from mmer_cl.merging import trim_threshold
 from mmer_cl.task_vector import task_vector
 from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
-                      RegistryError, VersionRecord, sqlite_url)
+                      RegistryError, Trim, VersionRecord, sqlite_url)
 from storage import Batch, BlobStore, TensorReader, encode
 
 DB_NAME = "registry.db"
@@ -212,7 +213,9 @@ class Store:
         ckpt = Checkpoint(path)
         keymap = map_checkpoint(vbase.llm_shapes(), ckpt, llm_prefix)
         with self._lock(), self.blobs.batch() as batch:
-            refs, parts, stats = self._ingest(ckpt, keymap, vbase, batch, progress)
+            current = self.registry.version(base_rec.id)
+            densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
+            refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, batch, progress, densities)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
@@ -224,7 +227,7 @@ class Store:
                     f"the limit is {max_relative_change}). It was probably fine-tuned from another base; register "
                     "it in a store of that base, or raise max_relative_change (--max-change) if this is intended.")
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
-                                            fingerprint, keymap.to_json(), stats, refs, actor)
+                                            fingerprint, keymap.to_json(), stats, refs, actor, trims)
         return RegisterResult(entry, True, keymap.describe())
 
     def _put(self, batch: Batch, role: str, key: str, t: torch.Tensor) -> BlobRef:
@@ -232,9 +235,10 @@ class Store:
         return BlobRef(role, key, batch.put(blob), len(blob), t.numel() * t.element_size())
 
     def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, batch: Batch,
-                progress: Progress | None) -> tuple[list[BlobRef], list, dict]:
+                progress: Progress | None, densities: Sequence[float] = ()) -> tuple[list[BlobRef], list, dict, list]:
         refs: list[BlobRef] = []
         parts = []
+        trims: list[Trim] = []
         sq_tau = sq_base = 0.0
         llm_params = own_params = ckpt_bytes = 0
         own_keys = set(keymap.own_keys())
@@ -247,6 +251,9 @@ class Store:
             if base_key is not None:
                 b = vbase.get(base_key).to(self.device)
                 tau = task_vector(b, keymap.llm_part(key, t))
+                for density in densities:  # so that expand need not select them
+                    found = trim_threshold(tau, density)
+                    trims.append(Trim(0, density, base_key, found.bits, found.ties))
                 if tau.dim() >= 2:  # matrices: norm scales (often all ones) would mask a foreign base
                     sq_tau += float(tau.square().sum())
                     sq_base += float(b.float().square().sum())
@@ -263,7 +270,7 @@ class Store:
             refs.append(BlobRef("aux", f.name, batch.put(data), len(data), len(data)))
         stats = {"relative_change": math.sqrt(sq_tau / sq_base) if sq_base else 0.0, "llm_params": llm_params,
                  "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized}
-        return refs, parts, stats
+        return refs, parts, stats, trims
 
     # ---- expand / remove -----------------------------------------------------------------
     def expand(self, params: MergeParams | None = None, *, base: str | None = None, actor: str | None = None,

@@ -136,7 +136,9 @@ class Registry:
                            json.loads(row.stats), row.created_at, row.created_by, row.removed_at)
 
     def add_entry(self, base_id: int, name: str, modality: str, task: str, source_path: str, fingerprint: str,
-                  keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str) -> EntryRecord:
+                  keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str,
+                  trims: Sequence[Trim] = ()) -> EntryRecord:
+        """Record an entry with its blobs and the trims computed on the way (their entry id is filled in)."""
         with self._tx() as s:
             if s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name)):
                 raise RegistryError(f"an entry named {name!r} already exists (names stay taken after removal, "
@@ -148,6 +150,7 @@ class Registry:
             s.flush()
             s.add_all(EntryBlobRow(entry_id=row.id, role=b.role, key=b.key, digest=b.digest,
                                    stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
+            self._add_trims(s, [Trim(row.id, t.density, t.key, t.bits, t.ties) for t in trims])
             self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
                         {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs)})
             return self._entry_record(row)

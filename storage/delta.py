@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.codecs import (bits_payload, dtype_name, numel_of, pack, pack_bits, planes_payload, unbits,
-                            unplanes, unzstd, zstd)
+from storage.codecs import (bits_payload, dtype_name, numel_of, pack, planes_payload, unbits, unplanes,
+                            unzstd, zstd)
 
 MAX_DEPTH = 8
 MAX_SUPPORT_FRACTION = 0.6
@@ -48,7 +48,7 @@ def encode_delta(new: torch.Tensor, parent: torch.Tensor, parent_digest: str,
         return None
     flat = new.detach().to("cpu").reshape(-1)
     support = ~same_bits(flat, parent.detach().to("cpu").reshape(-1))
-    if int(support.sum()) > MAX_SUPPORT_FRACTION * flat.numel():
+    if int(torch.count_nonzero(support)) > MAX_SUPPORT_FRACTION * flat.numel():
         return None
     header = {"codec": "delta", "dtype": dtype_name(new.dtype), "shape": list(new.shape), "parent": parent_digest,
               "depth": parent_depth + 1}
@@ -66,6 +66,66 @@ def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) ->
     return out.reshape(header["shape"])
 
 
+def _np_bool(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").reshape(-1).numpy().astype(np.bool_, copy=False)
+
+
+def _select_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarray]:
+    """``[m[where] for m in masks]`` with one selection pass per 8 masks (bits of a uint8 each)."""
+    out = []
+    for start in range(0, len(masks), 8):
+        chunk = masks[start:start + 8]
+        comb = chunk[0].view(np.uint8).copy()
+        for j, m in enumerate(chunk[1:], start=1):
+            comb |= m.view(np.uint8) << j
+        picked = comb[where]
+        out += [((picked >> j) & 1).view(np.bool_) for j in range(len(chunk))]
+    return out
+
+
+def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, torch.Tensor, int] | None],
+               support: tuple[str, torch.Tensor] | None = None,
+               context: tuple[str, torch.Tensor] | None = None) -> list[tuple[dict, np.ndarray]]:
+    """Members (entry, stored bits) for the masks of several entries on one tensor.
+
+    A mask is coded against its ``parent`` (pack digest, mask, depth) where
+    its change lies inside ``support`` (delta blob digest, its support map):
+    only the bits at support positions are kept. Otherwise it is stored
+    whole; with a ``context`` (blob digest, a bool map the decoder rebuilds,
+    such as where the merged vector is nonzero) its bits are ordered by the
+    context, so that a mask predictable on one side costs almost nothing
+    there. Selections are shared by all masks, since they cost more than
+    the rest.
+    """
+    flats = [_np_bool(m) for m in masks]
+    sup = _np_bool(support[1]) if support is not None else None
+    ctx = _np_bool(context[1]) if context is not None else None
+    members: list[dict | None] = [None] * len(masks)
+    deltas, wholes = [], []
+    for i, (mask, parent) in enumerate(zip(masks, parents)):
+        members[i] = {"key": key, "shape": list(mask.shape)}
+        if parent is not None and sup is not None and parent[2] < MAX_DEPTH and parent[1].numel() == sup.size:
+            changed = flats[i] != _np_bool(parent[1])
+            if not (changed & ~sup).any():
+                members[i].update(parent=parent[0], support=support[0], depth=parent[2] + 1)
+                deltas.append(i)
+                continue
+        wholes.append(i)
+    bits: list[np.ndarray | None] = [None] * len(masks)
+    for i, b in zip(deltas, _select_jointly([flats[i] for i in deltas], sup) if deltas else []):
+        bits[i] = b
+    if wholes and ctx is not None and ctx.size == flats[wholes[0]].size:
+        inside = _select_jointly([flats[i] for i in wholes], ctx)
+        outside = _select_jointly([flats[i] for i in wholes], ~ctx)
+        for i, a, b in zip(wholes, inside, outside):
+            members[i]["context"] = context[0]
+            bits[i] = np.concatenate([a, b])
+    else:
+        for i in wholes:
+            bits[i] = flats[i]
+    return [(m, b) for m, b in zip(members, bits)]
+
+
 @dataclass
 class MaskPackBuilder:
     """Collects one entry's masks for several tensors and writes them as one ``maskpack`` blob."""
@@ -73,36 +133,17 @@ class MaskPackBuilder:
     members: list[dict] = field(default_factory=list)
     chunks: list[np.ndarray] = field(default_factory=list)
 
+    def add_coded(self, member: dict, bits: np.ndarray) -> None:
+        """Add a member made by :func:`code_masks`."""
+        self.members.append(dict(member, nbits=int(bits.size)))
+        self.chunks.append(np.packbits(bits))
+
     def add(self, key: str, mask: torch.Tensor, parent: tuple[str, torch.Tensor, int] | None = None,
             support: tuple[str, torch.Tensor] | None = None, context: tuple[str, torch.Tensor] | None = None,
             ) -> None:
-        """Add ``mask``.
-
-        It is coded against ``parent`` (pack digest, mask, depth) where the
-        change lies inside ``support`` (delta blob digest, its support map).
-        Otherwise it is stored whole; with a ``context`` (blob digest, bool
-        map the decoder can rebuild, such as where the merged vector is
-        nonzero) its bits are ordered by context, so that a mask that is
-        predictable on one side costs almost nothing there.
-        """
-        flat = mask.detach().to("cpu").reshape(-1)
-        member = {"key": key, "shape": list(mask.shape)}
-        coded = False
-        if parent is not None and support is not None and parent[2] < MAX_DEPTH:
-            parent_digest, old, depth = parent
-            sup_digest, sup = support
-            old = old.detach().to("cpu").reshape(-1)
-            if old.shape == flat.shape and not bool(((flat != old) & ~sup).any()):
-                member.update(parent=parent_digest, support=sup_digest, depth=depth + 1)
-                flat = flat[sup]
-                coded = True
-        if not coded and context is not None and context[1].numel() == flat.numel():
-            ctx = context[1].detach().to("cpu").reshape(-1)
-            member["context"] = context[0]
-            flat = torch.cat([flat[ctx], flat[~ctx]])
-        member["nbits"] = int(flat.numel())
-        self.members.append(member)
-        self.chunks.append(pack_bits(flat))
+        """Add one mask, coded as :func:`code_masks` says."""
+        [(member, bits)] = code_masks(key, [mask], [parent], support, context)
+        self.add_coded(member, bits)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -160,7 +201,7 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
     if context is None:
         return bits.reshape(shape)
     out = torch.empty_like(bits)
-    inside = int(context.sum())
+    inside = int(torch.count_nonzero(context))
     out[context] = bits[:inside]
     out[~context] = bits[inside:]
     return out.reshape(shape)
@@ -170,4 +211,4 @@ def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -
     """The new values a ``delta`` blob holds, in support order."""
     from storage.codecs import dtype_of
 
-    return unplanes(parts[1], dtype_of(header["dtype"]), [int(support.sum())])
+    return unplanes(parts[1], dtype_of(header["dtype"]), [int(torch.count_nonzero(support))])

@@ -33,7 +33,7 @@ def test_full_lifecycle(mmer, family, tmp_path):
 
     versions = json.loads(mmer("versions", "--json"))
     assert [v["number"] for v in versions] == [1, 2]
-    assert versions[1]["details"]["trimmed"] == ["video"]
+    assert versions[1]["details"]["coded_against"] == "v1"
     assert versions[1]["aliases"] == ["current"]
 
     assert "v2 -> v1" in mmer("rollback", "1")

@@ -41,6 +41,7 @@ from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_ten
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.keymap import KeyMap
+from mmer_cl.lora import open_checkpoint
 from mmer_cl.masks import emr_rescale
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
@@ -216,7 +217,7 @@ class Store:
         actor = actor or default_actor()
         base_rec = self.registry.base(base)
         vbase = self._verified_base(base_rec)
-        ckpt = Checkpoint(path)
+        ckpt = open_checkpoint(path, fallback_base=base_rec.source_path)  # a directory or a peft LoRA adapter
         keymap = map_checkpoint(vbase.llm_shapes(), ckpt, llm_prefix)
         with self._lock(), self.blobs.batch() as batch:
             refs, parts, stats = self._ingest(ckpt, keymap, vbase, batch, progress)
@@ -253,7 +254,10 @@ class Store:
             base_key = keymap.llm.get(key)
             if base_key is not None:
                 b = vbase.get(base_key).to(self.device)
-                tau = task_vector(b, keymap.llm_part(key, t))
+                if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
+                    tau = ckpt.task_vector(key, b)
+                else:
+                    tau = task_vector(b, keymap.llm_part(key, t))
                 if tau.dim() >= 2:  # matrices: norm scales (often all ones) would mask a foreign base
                     sq_tau += float(tau.square().sum())
                     sq_base += float(b.float().square().sum())

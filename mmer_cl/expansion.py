@@ -48,12 +48,14 @@ def expand_tensor(
     tensor_name: str = "",
     previous: TiesAccumulator | None = None,
     new_from: int = 0,
+    lams: Sequence[float] | None = None,
 ) -> TensorExpansion:
     """Merge ``taus`` and mask each of them.
 
     With ``ties``, ``previous`` holds the accumulators of ``taus[:new_from]``
     and only ``taus[new_from:]`` are folded in (an incremental expansion); all
     masks are recomputed since they depend on the new merged vector.
+    ``lams`` gives each task vector its own mask lambda (default: ``params.lam`` for all).
     """
     if not taus:
         raise ValueError("expand_tensor needs at least one task vector")
@@ -66,6 +68,6 @@ def expand_tensor(
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
-    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam, k=params.k)
+    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam if lams is None else lams, k=params.k)
     abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
     return TensorExpansion(merged=merged, masks=masks, accumulator=accumulator, abs_sums=abs_sums)

@@ -26,6 +26,7 @@ import torch
 
 from mmer_cl.export import Progress
 from mmer_cl.dtypes import ITEM_BYTES, is_float_code
+from mmer_cl.table import human_bytes  # noqa: F401 (also re-exported for older imports)
 
 if TYPE_CHECKING:
     from mmer_cl.store import Store
@@ -135,14 +136,6 @@ def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, l
     rel = (lambda e: math.sqrt(e / total) if total else 0.0)
     return {"mmer_relative_error": rel(mmer_err), "svd_exact": exact,
             "svd_lora_relative_error": {str(r): rel(e) for r, e in svd_err.items()}}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def format_report(r: dict) -> str:

@@ -47,8 +47,8 @@ from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.task_vector import task_vector
-from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
-                      RegistryError, VersionRecord, sqlite_url)
+from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+                      Registry, RegistryError, VersionRecord, sqlite_url, version_number)
 from storage import Batch, BlobStore, decode, encode
 
 DB_NAME = "registry.db"
@@ -59,6 +59,25 @@ ENV_ACTOR = "MMER_ACTOR"
 
 class StoreError(MmerError):
     """The store cannot do what was asked; the message says what to do."""
+
+
+def validate_alias(name: str) -> str:
+    """An alias is a name that cannot be read as a version number (``3``, ``v3``)."""
+    validate_name(name, "alias")
+    if version_number(name) is not None:
+        raise StoreError(f"alias {name!r} reads as a version number; choose a word such as 'production'")
+    return name
+
+
+def validate_tags(tags: dict | None) -> dict:
+    """Tag keys are names; values are short strings."""
+    out = {}
+    for key, value in (tags or {}).items():
+        validate_name(str(key), "tag key")
+        if len(str(value)) > 1000:
+            raise StoreError(f"tag {key!r} is longer than 1000 characters; put long text in a description")
+        out[str(key)] = str(value)
+    return out
 
 
 def default_actor() -> str:
@@ -203,10 +222,13 @@ class Store:
     def register(self, path: str | Path, name: str, modality: str, task: str = "default", *,
                  llm_prefix: str | None = None, base: str | None = None, actor: str | None = None,
                  max_relative_change: float = MAX_RELATIVE_CHANGE,
-                 progress: Progress | None = None) -> RegisterResult:
-        """Record a fine-tuned checkpoint: its task vector, modality side and files.
+                 progress: Progress | None = None, update: bool = False, description: str = "",
+                 tags: dict | None = None) -> RegisterResult:
+        """Record a fine-tuned checkpoint (or a peft LoRA adapter): its task vector, modality side and files.
 
         The same checkpoint registered again is recognised (``created=False``).
+        ``update=True`` registers it as a new revision of entry ``name``: the old
+        revision leaves the next expansion but stays in the versions that hold it.
         A checkpoint whose LLM differs from the base by more than
         ``max_relative_change`` (||tau|| / ||theta_0|| over the weight matrices) is refused as probably
         fine-tuned from another base. A failure leaves the store as it was.
@@ -214,6 +236,7 @@ class Store:
         validate_name(name, "entry name")
         validate_name(modality, "modality")
         validate_name(task, "task")
+        tags = validate_tags(tags)
         actor = actor or default_actor()
         base_rec = self.registry.base(base)
         vbase = self._verified_base(base_rec)
@@ -232,7 +255,8 @@ class Store:
                     f"the limit is {max_relative_change}). It was probably fine-tuned from another base; register "
                     "it in a store of that base, or raise max_relative_change (--max-change) if this is intended.")
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
-                                            fingerprint, keymap.to_json(), stats, refs, actor)
+                                            fingerprint, keymap.to_json(), stats, refs, actor, update=update,
+                                            description=description, tags=tags)
         return RegisterResult(entry, True, keymap.describe())
 
     def _put(self, batch: Batch, role: str, key: str, t: torch.Tensor) -> BlobRef:
@@ -278,24 +302,39 @@ class Store:
 
     # ---- expand / remove -----------------------------------------------------------------
     def expand(self, params: MergeParams | None = None, *, base: str | None = None, actor: str | None = None,
-               progress: Progress | None = None) -> ExpandResult:
-        """Merge every active entry into a new version and move ``current`` to it.
+               progress: Progress | None = None, members: Sequence[str] | None = None, recipe: str | None = None,
+               description: str = "", tags: dict | None = None) -> ExpandResult:
+        """Merge every active entry (or the named ``members``) into a new version and move ``current`` to it.
 
         With ``ties`` and unchanged merge parameters, the merge folds only the
         entries new since the current version into its stored accumulators;
         every mask is recomputed. Parameters default to the current version's.
+        ``recipe`` (YAML text, see :mod:`mmer_cl.recipe`), ``description`` and ``tags`` are stored with it.
         """
         base_rec = self.registry.base(base)
+        tags = validate_tags(tags)
         with self._lock():
             previous = self.registry.version(base_rec.id)
             params = params or (MergeParams.from_dict(previous.params) if previous else MergeParams())
             entries = self.registry.entries(base_rec.id)
             if not entries:
                 raise StoreError("nothing to expand: no entries are registered; run `mmer register` first")
+            if members is not None:
+                by_name = {e.name: e for e in entries}
+                unknown = [m for m in members if m not in by_name]
+                if unknown or not members:
+                    raise StoreError(f"members {unknown or '[]'} are not active entries; active: "
+                                     f"{', '.join(by_name)}")
+                entries = [e for e in entries if e.name in set(members)]
+            unknown = sorted(set(params.lam_per_entry) - {e.name for e in entries})
+            if unknown:
+                raise StoreError(f"per-entry lambda given for {', '.join(unknown)}, not among the members "
+                                 f"({', '.join(e.name for e in entries)}); fix the names")
             if previous and [m.entry_id for m in previous.members] == [e.id for e in entries] \
-                    and MergeParams.from_dict(previous.params) == params:
+                    and MergeParams.from_dict(previous.params) == params and not (recipe or description or tags):
                 return ExpandResult(previous, False, False)
-            return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress)
+            return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress,
+                                     recipe=recipe, description=description, tags=tags)
 
     def remove(self, name: str, *, base: str | None = None, actor: str | None = None,
                progress: Progress | None = None) -> VersionRecord | None:
@@ -316,7 +355,7 @@ class Store:
 
     def _new_version(self, base_rec: BaseRecord, entries: list[EntryRecord], params: MergeParams,
                      previous: VersionRecord | None, actor: str, progress: Progress | None,
-                     remove: str | None = None) -> ExpandResult:
+                     remove: str | None = None, **annotations) -> ExpandResult:
         start = time.perf_counter()
         prev_ids = [m.entry_id for m in previous.members] if previous else []
         entry_ids = {e.id for e in entries}
@@ -329,6 +368,7 @@ class Store:
         new_from = len(prev_ids) if incremental else 0
         tv = [self.blob_source(self.registry.entry_blobs(e.id, "task_vector")) for e in entries]
         keys = list(llm_shapes(self.registry.base_tensors(base_rec.id)))  # merging needs no base weights
+        lams = [params.lam_for(e.name) for e in entries]
         kept = [0] * len(entries)
         sums = [[0.0, 0.0] for _ in entries]
         total = 0
@@ -339,7 +379,7 @@ class Store:
                 prev_acc = None
                 if incremental:
                     prev_acc = TiesAccumulator.from_dict({p: acc[p](key).to(self.device) for p in ACC_PARTS})
-                result = expand_tensor(taus, params, tensor_name=key, previous=prev_acc, new_from=new_from)
+                result = expand_tensor(taus, params, tensor_name=key, previous=prev_acc, new_from=new_from, lams=lams)
                 refs.append(self._put(batch, "merged", key, result.merged))
                 if result.accumulator is not None:
                     for part, t in result.accumulator.to_dict().items():
@@ -361,7 +401,7 @@ class Store:
                        "new_entries": [e.name for e in entries[new_from:]] if incremental else [],
                        "seconds": round(time.perf_counter() - start, 3)}
             version = self.registry.add_version(base_rec.id, params.to_dict(), details, members, refs, actor,
-                                                remove_entry=remove)
+                                                remove_entry=remove, **annotations)
         return ExpandResult(version, True, incremental)
 
     # ---- versions ------------------------------------------------------------------------
@@ -377,11 +417,66 @@ class Store:
             raise StoreError("no current version: run `mmer expand` after registering entries")
         return v
 
-    def rollback(self, number: int, *, base: str | None = None, actor: str | None = None) -> tuple[str, str]:
-        """Point ``current`` at an earlier (or later) version; nothing is deleted."""
+    def rollback(self, version: int | str, *, base: str | None = None, actor: str | None = None) -> tuple[str, str]:
+        """Point ``current`` at an earlier (or later) version (``3``, ``"v3"`` or an alias); nothing is deleted."""
         base_rec = self.registry.base(base)
         with self._lock():
-            return self.registry.set_alias(base_rec.id, CURRENT, int(number), actor or default_actor())
+            return self.registry.set_alias(base_rec.id, CURRENT, version, actor or default_actor())
+
+    # ---- aliases, tags, descriptions (MLflow-style registry conventions) -------------------
+    def set_alias(self, name: str, version: int | str, *, base: str | None = None,
+                  actor: str | None = None) -> tuple[str, str]:
+        """Point alias ``name`` (e.g. ``production``) at a version; ``current`` moves like :meth:`rollback`."""
+        validate_alias(name)
+        base_rec = self.registry.base(base)
+        with self._lock():
+            return self.registry.set_alias(base_rec.id, name, version, actor or default_actor())
+
+    def remove_alias(self, name: str, *, base: str | None = None, actor: str | None = None) -> str:
+        """Delete alias ``name`` (not ``current``); versions are untouched. Returns what it pointed at."""
+        base_rec = self.registry.base(base)
+        with self._lock():
+            return self.registry.remove_alias(base_rec.id, name, actor or default_actor())
+
+    def aliases(self, base: str | None = None) -> dict[str, int | None]:
+        return self.registry.aliases(self.registry.base(base).id)
+
+    def _target(self, entry: str | None, version: int | str | None, base: str | None) -> tuple[str, int, str]:
+        if entry is not None and version is not None:
+            raise StoreError("name either an entry or a version, not both")
+        base_rec = self.registry.base(base)
+        if entry is not None:
+            e = self.registry.entry(base_rec.id, entry)
+            return ENTRY, e.id, f"entry {e.name}"
+        v = self.version(version, base)
+        return VERSION, v.id, f"version {v.number}"
+
+    def tag(self, tags: dict | None = None, *, remove: Sequence[str] = (), entry: str | None = None,
+            version: int | str | None = None, base: str | None = None, actor: str | None = None) -> dict:
+        """Set (and ``remove``) key=value tags on an entry or a version (default: current); returns them all."""
+        kind, target_id, label = self._target(entry, version, base)
+        with self._lock():
+            return self.registry.set_tags(kind, target_id, label, validate_tags(tags), list(remove),
+                                          actor or default_actor())
+
+    def describe(self, text: str, *, entry: str | None = None, version: int | str | None = None,
+                 base: str | None = None, actor: str | None = None) -> None:
+        """Set the description of an entry or a version (default: current)."""
+        kind, target_id, label = self._target(entry, version, base)
+        with self._lock():
+            self.registry.set_description(kind, target_id, label, text, actor or default_actor())
+
+    def show(self, version: int | str | None = None, base: str | None = None) -> dict:
+        """One version in full: members, parameters, mask densities, sizes, recipe (see :mod:`mmer_cl.versions`)."""
+        from mmer_cl.versions import show_version
+
+        return show_version(self, self.version(version, base))
+
+    def diff(self, a: int | str, b: int | str, base: str | None = None) -> dict:
+        """What changed from version ``a`` to version ``b`` (see :mod:`mmer_cl.versions`)."""
+        from mmer_cl.versions import diff_versions
+
+        return diff_versions(self.show(a, base), self.show(b, base))
 
     def history(self, limit: int | None = None) -> list[EventRecord]:
         return self.registry.events(limit)
@@ -395,7 +490,7 @@ class Store:
         if member is None:
             raise StoreError(f"entry {name!r} is not in version {v.number} (members: "
                              f"{', '.join(m.entry_name for m in v.members)}); name another version or entry")
-        entry = self.registry.entry(base_rec.id, name)
+        entry = self.registry.entry_by_id(member.entry_id)  # the revision this version holds
         keymap = KeyMap.from_json(entry.keymap)
         vbase = self._verified_base(base_rec)
         masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)

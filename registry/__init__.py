@@ -2,8 +2,8 @@
 
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                               VersionRecord)
-from registry.registry import CURRENT, Registry, RegistryError, sqlite_url
+from registry.registry import CURRENT, ENTRY, VERSION, Registry, RegistryError, sqlite_url, version_number
 from registry.schema import SCHEMA_VERSION
 
-__all__ = ["CURRENT", "SCHEMA_VERSION", "BaseRecord", "BaseTensor", "BlobRef", "EntryRecord", "EventRecord",
+__all__ = ["CURRENT", "ENTRY", "VERSION", "version_number", "SCHEMA_VERSION", "BaseRecord", "BaseTensor", "BlobRef", "EntryRecord", "EventRecord",
            "Member", "Registry", "RegistryError", "VersionRecord", "sqlite_url"]

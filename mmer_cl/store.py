@@ -510,9 +510,10 @@ class Store:
         ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
         encoder instead: the plain-merge (NaiveMC-style) baseline.
         """
-        keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
-        return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                           **layout_of(keymap, max_shard_bytes))
+        keymap, tensors, aux, entry = self._sources(name, version, base, use_mask)
+        meta, card = self._provenance(version, base, entry, use_mask, aux)
+        return write_model(out_dir, tensors=tensors, aux_files={**aux, **card}, overwrite=overwrite,
+                           progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes))
 
     def export_text(self, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                     overwrite: bool = False, max_shard_bytes: int | None = None,
@@ -521,7 +522,22 @@ class Store:
         v = self.version(version, base)
         vbase = self._verified_base(self.registry.base(base))
         merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
-        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress)
+        meta, card = self._provenance(v.number, base, None, False, [p.name for p in vbase.checkpoint.aux_files()])
+        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress,
+                                metadata=meta, extra_files=card)
+
+    def _provenance(self, version: int | str | None, base: str | None, entry: EntryRecord | None, use_mask: bool,
+                    files) -> tuple[dict[str, str], dict[str, bytes]]:
+        """safetensors metadata and the model card (``README.md``, or ``MMER_CARD.md`` beside a shipped one)."""
+        from mmer_cl.provenance import card_name, export_metadata, model_card
+
+        v = self.version(version, base)
+        b = self.registry.base(base)
+        meta = export_metadata(version=v.number, params=v.params, base_name=b.name, base_fingerprint=b.fingerprint,
+                               entry=entry.label if entry else None, revision=entry.revision if entry else None,
+                               use_mask=use_mask, store_id=self.registry.meta_value("store_id"))
+        card = model_card(metadata=meta, version=v, base_model=b.name, entry=entry, recipe=v.recipe)
+        return meta, {card_name(files): card.encode()}
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
              model_class=None, device: str | torch.device | None = None, use_mask: bool = True):

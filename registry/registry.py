@@ -85,6 +85,12 @@ class Registry:
                 raise RegistryError(f"this registry has schema version {row.value}, newer than this mmer-cl "
                                     f"understands ({SCHEMA_VERSION}); upgrade mmer-cl")
 
+    def meta_value(self, key: str) -> str | None:
+        """A value of the ``meta`` table (e.g. ``store_id`` where the store records one), or None."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            return row.value if row else None
+
     def schema_version(self) -> int:
         with Session(self.engine) as s:
             return int(s.get(Meta, "schema_version").value)

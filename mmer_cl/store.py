@@ -170,8 +170,14 @@ class Store:
     @classmethod
     def init(cls, root: str | Path, base: str | Path, base_name: str | None = None, actor: str | None = None,
              url: str | None = None, progress: Progress | None = None, **kw) -> "Store":
-        """Create a store (or add a base to one) and record the base model's fingerprint."""
+        """Create a store (or add a base to one) and record the base model's fingerprint.
+
+        A base the store already holds (same tensors) is recognised, not added twice:
+        ``store.init_created`` is then False and ``store.init_result`` the existing base.
+        Giving it a second name is refused, since every command would then have to ask which base.
+        """
         root = Path(root)
+        chosen = base_name
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
         ckpt = Checkpoint(base)
         tensors = []
@@ -184,8 +190,19 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root, url, **kw)
         with store._lock():
-            store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
-                                    actor or default_actor())
+            same = next((b for b in store.registry.bases() if b.fingerprint == fingerprint), None)
+            if same is not None:
+                if chosen is not None and chosen != same.name:
+                    store.close()
+                    raise StoreError(
+                        f"{root} already holds this base model (same tensors) as {same.name!r}; a second name "
+                        f"for it would make every command ask for --base. Keep using {same.name!r} (no need to "
+                        "init again), or create a separate store with --store OTHER_DIR.")
+                store.init_result, store.init_created = same, False
+                return store
+            store.init_result = store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
+                                                        actor or default_actor())
+            store.init_created = True
         return store
 
     def close(self) -> None:
@@ -558,7 +575,14 @@ class Store:
         if model_class is not None and getattr(model_class, "config_class", None) is not None:
             config = model_class.config_class(**config_dict)
         else:
-            config = transformers.AutoConfig.for_model(model_type, **config_dict)
+            try:
+                config = transformers.AutoConfig.for_model(model_type, **config_dict)
+            except (ValueError, KeyError) as exc:
+                raise StoreError(
+                    f"entry {name!r} is a {model_type!r} model, which transformers does not know; pass its class: "
+                    f"Store.load({name!r}, model_class=YourModel) (a PreTrainedModel subclass), or import the "
+                    "module that calls AutoConfig.register for it first. Or export() it and load it yourself."
+                ) from exc
         if model_class is None:
             archs = getattr(config, "architectures", None) or []
             if not archs or not hasattr(transformers, archs[0]):

@@ -142,3 +142,18 @@ def test_per_entry_lambda_in_the_mask_step():
     assert all(torch.equal(a, b) for a, b in zip(same.masks, default.masks))
     loose = expand_tensor(taus, params, lams=[1.0, 0.0])
     assert loose.masks[1].all() and torch.equal(loose.masks[0], default.masks[0])
+
+
+def test_load_of_a_class_transformers_does_not_know_says_to_pass_model_class(family, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(family / "vision", tmp_path / "custom")
+    cfg = json.loads((tmp_path / "custom" / "config.json").read_text())
+    cfg["model_type"] = "my_private_mllm"
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(cfg))
+    with Store.init(tmp_path / "store", family / "base") as store:
+        store.register(tmp_path / "custom", "custom", "vision")
+        store.expand()
+        with pytest.raises(StoreError, match="model_class=YourModel"):
+            store.load("custom")

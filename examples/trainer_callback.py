@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                 model=model, train_dataset=Examples(PARITY.splits()["train"]), data_collator=collate,
                 optimizers=(optimizer, None), callbacks=[callback],
                 args=TrainingArguments(output_dir=str(Path(tmp) / "trainer"), max_steps=args.steps,
-                                       per_device_train_batch_size=args.batch, lr_scheduler_type="cosine", warmup_steps=10,
+                                       per_device_train_batch_size=args.batch, lr_scheduler_type="cosine",
+                                       warmup_steps=10,
                                        logging_steps=max(1, args.steps // 3), save_strategy="no", report_to="none",
                                        remove_unused_columns=False, use_cpu=True, seed=0, disable_tqdm=True,
                                        dataloader_num_workers=0))

@@ -5,5 +5,5 @@ from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, Even
 from registry.registry import CURRENT, ENTRY, VERSION, Registry, RegistryError, sqlite_url, version_number
 from registry.schema import SCHEMA_VERSION
 
-__all__ = ["CURRENT", "ENTRY", "VERSION", "version_number", "SCHEMA_VERSION", "BaseRecord", "BaseTensor", "BlobRef", "EntryRecord", "EventRecord",
-           "Member", "Registry", "RegistryError", "VersionRecord", "sqlite_url"]
+__all__ = ["CURRENT", "ENTRY", "SCHEMA_VERSION", "VERSION", "BaseRecord", "BaseTensor", "BlobRef", "EntryRecord",
+           "EventRecord", "Member", "Registry", "RegistryError", "VersionRecord", "sqlite_url", "version_number"]

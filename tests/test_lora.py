@@ -139,7 +139,8 @@ def test_adapter_on_a_multimodal_model_keeps_its_encoder_and_saved_projector(tmp
     llava.save_pretrained(tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
     lora = make_adapter(llava, tmp_path / "adapter", seed=7, r=4, lora_alpha=4,
-                        target_modules=r".*language_model.*\.(q_proj|v_proj)", modules_to_save=["multi_modal_projector"])
+                        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                        modules_to_save=["multi_modal_projector"])
     result, exported = register_export(tmp_path, tmp_path / "base", tmp_path / "adapter", "vision")
     assert result.entry.stats["own_params"] > 0  # the vision tower and the saved projector
     merged = lora.merge_and_unload()
@@ -178,3 +179,13 @@ def test_lora_delta_layouts():
     a, b = torch.randn(2, 5), torch.randn(3, 2)
     assert lora_delta(a, b, 0.5).shape == (3, 5)
     assert torch.equal(lora_delta(a, b, 0.5, fan_in_fan_out=True), (b @ a * 0.5).T)
+
+
+def test_the_adapter_weights_file_alone_gets_a_hint_to_pass_the_directory(tmp_path):
+    from mmer_cl.errors import KeyMappingError
+
+    base = builders.save_base(tmp_path / "base")
+    make_adapter(base, tmp_path / "adapter", r=2, lora_alpha=2, target_modules=["q_proj"])
+    with Store.init(tmp_path / "store", tmp_path / "base") as store:
+        with pytest.raises(KeyMappingError, match="adapter's directory"):
+            store.register(tmp_path / "adapter" / "adapter_model.safetensors", "lora", "text")

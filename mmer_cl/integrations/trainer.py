@@ -64,11 +64,6 @@ class MMERCallback(TrainerCallback):
             raise MmerError("MMERCallback got no model at the end of training; pass it to Trainer(model=...)")
         model = getattr(model, "module", model)  # unwrap DistributedDataParallel and the like
         tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
-        if type(model).__name__.startswith("Peft"):
-            try:
-                import peft  # noqa: F401
-            except ImportError as exc:  # pragma: no cover - a PeftModel implies peft
-                raise MmerError("saving a peft model needs peft: pip install 'mmer-cl[peft]'") from exc
         store, owned = self._open()
         try:
             with tempfile.TemporaryDirectory(prefix="mmer-callback-") as tmp:

@@ -10,19 +10,21 @@ SQLite and PostgreSQL alike.
 A fresh registry is created at the current schema by ``create_all`` and needs
 no step. To change the schema: change ``schema.py``, bump ``SCHEMA_VERSION``,
 append a step here, and add a test that opens a registry of the previous
-version (``tests/test_migrations.py``). Prefer new tables and added columns
+version (``tests/test_migrations.py``). Each applied step writes a ``migrate`` event to the audit log in
+its transaction. Prefer new tables and added columns
 with defaults; never rewrite or drop what older releases wrote.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from registry.schema import SCHEMA_VERSION, TagRow
+from registry.schema import SCHEMA_VERSION, EventRow, TagRow, utcnow
 
 
 class MigrationError(Exception):
@@ -87,6 +89,10 @@ def upgrade(engine: Engine, target: int = SCHEMA_VERSION) -> list[int]:
                                    {"new": str(step.version), "old": str(step.version - 1)}).rowcount
             if claimed == 1:
                 step.apply(conn)
+                conn.execute(EventRow.__table__.insert().values(  # logged in the same transaction
+                    at=utcnow(), actor="mmer-cl", action="migrate", subject="registry",
+                    before=f"schema {step.version - 1}", after=f"schema {step.version}",
+                    details=json.dumps({"step": step.summary})))
                 applied.append(step.version)
         current = step.version
     return applied

@@ -72,9 +72,7 @@ class Registry:
                 for trigger in APPEND_ONLY_TRIGGERS:
                     conn.execute(text(trigger))
         self._check_schema()
-        if migrated:
-            self.record("mmer-cl", "migrate", "registry", f"schema {migrated[0] - 1}", f"schema {migrated[-1]}",
-                        {"steps": migrated})
+        self.migrated = migrated  # schema versions applied on opening (each logged as a `migrate` event)
 
     def _check_schema(self) -> None:
         with Session(self.engine) as s, s.begin():

@@ -73,12 +73,14 @@ def expand_tensor(
     params: MergeParams,
     tensor_name: str = "",
     thresholds: Sequence[TrimThreshold | None] | None = None,
+    lams: Sequence[float] | None = None,
 ) -> TensorExpansion:
     """Merge ``taus`` and mask each of them.
 
     With ``ties``, ``thresholds[i]`` (when given) is model ``i``'s trim of this
     tensor from an earlier expansion at the same density, so only models
     without one are trimmed by selection; the result is the same either way.
+    ``lams`` gives each task vector its own mask lambda (default: ``params.lam`` for all).
     """
     if not taus:
         raise ValueError("expand_tensor needs at least one task vector")
@@ -90,7 +92,7 @@ def expand_tensor(
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
-    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam, k=params.k)
+    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam if lams is None else lams, k=params.k)
     if params.mask_rule == "emr":
         abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
     else:

@@ -172,11 +172,12 @@ class _GroupWriter:
         n = len(plan.members)
         self.result = GroupResult(kept=[0] * n, abs_sums=[[0.0, 0.0] for _ in range(n)])
         self.packs = [MaskPackBuilder() for _ in range(n)]
+        self.lams = [plan.params.lam_for(m.name) for m in plan.members]
 
     def add(self, job: TensorJob, inputs: _Inputs) -> None:
         plan, result = self.plan, self.result
         thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
-        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds)
+        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds, lams=self.lams)
         for member, known, found in zip(plan.members, thresholds, out.thresholds):
             if known is None and found is not None:
                 result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
@@ -260,8 +261,11 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
 
 
 def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[GroupResult], actor: str,
-                     started: float, remove: str | None = None) -> VersionRecord:
-    """Record the version, in one transaction, once every group has succeeded."""
+                     started: float, remove: str | None = None, **annotations) -> VersionRecord:
+    """Record the version, in one transaction, once every group has succeeded.
+
+    ``annotations`` (recipe, description, tags) are stored with it.
+    """
     n = len(plan.members)
     kept = [sum(r.kept[i] for r in results) for i in range(n)]
     sums = [[sum(r.abs_sums[i][j] for r in results) for j in (0, 1)] for i in range(n)]
@@ -281,4 +285,4 @@ def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[
     }
     refs = [ref for r in results for ref in r.refs]
     return registry.add_version(plan.base_id, plan.params.to_dict(), details, members, refs, actor,
-                                remove_entry=remove, trims=trims)
+                                remove_entry=remove, trims=trims, **annotations)

@@ -28,6 +28,7 @@ import torch
 
 from mmer_cl.export import Progress
 from mmer_cl.dtypes import ITEM_BYTES, is_float_code
+from mmer_cl.table import human_bytes  # noqa: F401 (also re-exported for older imports)
 
 if TYPE_CHECKING:
     from mmer_cl.store import Store
@@ -131,7 +132,7 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
     acc_stored, _ = _blob_total(b for b in blobs if b.role.startswith("acc."))
     entries = []
     for step, m in enumerate(version.members, start=1):
-        entry = reg.entry(base.id, m.entry_name)
+        entry = reg.entry_by_id(m.entry_id)
         mask_stored = sum(n for d, n in size.items() if mask_owner.get(d) == m.entry_id)
         own = reg.entry_blobs(m.entry_id, "own") + reg.entry_blobs(m.entry_id, "aux")
         tv_stored, _ = _blob_total(reg.entry_blobs(m.entry_id, "task_vector"))
@@ -200,14 +201,6 @@ def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, l
     rel = (lambda e: math.sqrt(e / total) if total else 0.0)
     return {"mmer_relative_error": rel(mmer_err), "svd_exact": exact,
             "svd_lora_relative_error": {str(r): rel(e) for r, e in svd_err.items()}}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def format_report(r: dict) -> str:

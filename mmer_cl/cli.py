@@ -2,6 +2,11 @@
 
 Exit codes: 0 success, 1 failure (damage found, an unexpected error),
 2 bad usage or bad input (the message says what to fix).
+
+Start-up stays fast (``mmer --help`` loads no torch): modules that need torch,
+transformers or SQLAlchemy are imported inside the commands that use them.
+Global options (``--store``, ``--actor``, ``--db-url``, ``-q``) may come
+before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -11,19 +16,59 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mmer_cl.errors import MmerError
-from mmer_cl.params import MergeParams
-from mmer_cl.report import format_report, human_bytes
-from mmer_cl.store import Store
-from registry import RegistryError
-from storage import BlobError
+from mmer_cl.table import Right, human_bytes, render_table
+
+if TYPE_CHECKING:
+    from mmer_cl.store import Store
 
 ENV_STORE = "MMER_STORE"
 ENV_OBJECTS = "MMER_OBJECTS"
 DEFAULT_STORE = "mmer-store"
+GLOBAL_VALUE_OPTIONS = ("--store", "--actor", "--db-url", "--objects")
+GLOBAL_FLAGS = ("-q", "--quiet")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options given after the subcommand in front of it, so both orders work.
+
+    ``mmer versions --store S -q`` becomes ``mmer --store S -q versions``; a
+    ``--`` ends the scan, and options of the subcommand are left alone.
+    """
+    i = 0
+    while i < len(args):  # skip what precedes the subcommand
+        a = args[i]
+        if a in GLOBAL_VALUE_OPTIONS:
+            i += 2
+        elif a.startswith("-"):
+            i += 1
+        else:
+            break
+    if i >= len(args):
+        return list(args)
+    moved: list[str] = []
+    kept: list[str] = []
+    rest = args[i + 1:]
+    j = 0
+    while j < len(rest):
+        a = rest[j]
+        if a == "--":
+            kept += rest[j:]
+            break
+        if a in GLOBAL_VALUE_OPTIONS and j + 1 < len(rest):
+            moved += rest[j:j + 2]
+            j += 2
+            continue
+        if a.split("=", 1)[0] in GLOBAL_VALUE_OPTIONS and "=" in a or a in GLOBAL_FLAGS:
+            moved.append(a)
+        else:
+            kept.append(a)
+        j += 1
+    return list(args[:i]) + moved + [args[i]] + kept
 
 
 class Progress:
@@ -71,9 +116,12 @@ class Ctx:
     actor: str | None
     db_url: str | None
     quiet: bool
+    json: bool = False
     objects: str | None = None
 
-    def open(self) -> Store:
+    def open(self) -> "Store":
+        from mmer_cl.store import Store
+
         return Store.open(self.store_path, url=self.db_url, objects=self.objects)
 
     def progress(self, label: str) -> Progress:
@@ -81,17 +129,35 @@ class Ctx:
 
 
 class MmerGroup(click.Group):
-    """Turns the project's exceptions into messages and exit codes."""
+    """Turns the project's exceptions into messages and exit codes; accepts global options anywhere."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (MmerError, RegistryError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except BlobError as exc:
-            click.echo(f"failure: {exc}", err=True)
-            sys.exit(1)
+        except Exception as exc:  # the project's error classes are imported only when something failed
+            from registry import RegistryError
+            from storage import BlobError
+
+            if isinstance(exc, (MmerError, RegistryError)):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            if isinstance(exc, BlobError):
+                click.echo(f"failure: {exc}", err=True)
+                sys.exit(1)
+            raise
+
+
+def parse_tags(pairs: tuple[str, ...]) -> dict:
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"write tags as KEY=VALUE, got {pair!r}", param_hint="--tag")
+        tags[key] = value
+    return tags
 
 
 @click.group(cls=MmerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -104,16 +170,20 @@ class MmerGroup(click.Group):
               help="Where blobs live: a directory or an fsspec URL such as s3://bucket/prefix (default: objects/ in "
               f"the store; or set {ENV_OBJECTS}). S3 credentials come from the standard AWS environment/config.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@click.version_option(package_name="mmer-cl")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output, for the commands that list or show.")
+@click.version_option(package_name="mmer-cl", message="%(prog)s (mmer-cl) %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, objects: str | None,
-        quiet: bool) -> None:
+        quiet: bool, as_json: bool) -> None:
     """mmer: give one base LLM many modalities, without training (MMER).
 
     Fine-tuned multimodal models of one base are registered into a store;
     `expand` merges their LLM task vectors and computes a binary mask per
     model, so each modality runs on base + mask * merged with its own
     encoder. Every expansion is an immutable version you can roll back to.
+
+    Global options (--store, --actor, --db-url, -q) go before or after the
+    command. Versions are named 3, v3 or by an alias (current, production).
 
     \b
     Typical session:
@@ -124,7 +194,7 @@ def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | N
       mmer --store my-store export --entry vision out/vision
       mmer --store my-store report
     """
-    ctx.obj = Ctx(store_path, actor, db_url, quiet, objects)
+    ctx.obj = Ctx(store_path, actor, db_url, quiet, as_json, objects)
 
 
 @cli.command()
@@ -142,12 +212,17 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
     Example:
       mmer --store my-store init --base ./llama-base --name llama
     """
+    from mmer_cl.store import Store
+
     with obj.progress("fingerprinting base") as bar:
         store = Store.init(obj.store_path, base_path, base_name=name, actor=obj.actor, url=obj.db_url, progress=bar,
                            objects=obj.objects)
-    with store:
-        b = store.registry.bases()[-1]
-        where = store.blobs.location if obj.objects else obj.store_path
+    b = store.init_result
+    where = store.blobs.location if obj.objects and obj.db_url else obj.store_path
+    store.close()
+    if not store.init_created:
+        click.echo(f"{where} already holds this base as {b.name!r} ({b.fingerprint[:12]}); nothing changed")
+        return
     click.echo(f"initialised {where} with base {b.name!r} ({b.fingerprint[:12]})")
 
 
@@ -159,28 +234,36 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
 @click.option("--llm-prefix", help="Prefix of the LLM tensors when not a known one (e.g. 'decoder.').")
 @click.option("--max-change", type=float, default=0.5, show_default=True,
               help="Refuse when ||theta - theta_0|| / ||theta_0|| exceeds this (likely another base).")
+@click.option("--update", is_flag=True, help="Register a new revision of the existing entry NAME (the old one stays "
+              "in history and in the versions that hold it).")
+@click.option("--description", default="", help="A description of the entry.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag on the entry (repeatable).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
 def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, llm_prefix: str | None,
-             max_change: float, base: str | None) -> None:
-    """Record a fine-tuned multimodal checkpoint as a new entry.
+             max_change: float, update: bool, description: str, tags: tuple[str, ...], base: str | None) -> None:
+    """Record a fine-tuned multimodal checkpoint (or a peft LoRA adapter) as a new entry.
 
-    Stores its LLM task vector (fine-tuned minus base), its encoder/projector
-    and its config files, compressed; the source may be deleted afterwards.
-    Registering the same checkpoint again is recognised and changes nothing.
-    Run `expand` afterwards to merge it in.
+    Stores its LLM task vector (fine-tuned minus base; for a LoRA adapter,
+    B @ A * scaling), its encoder/projector and its config files, compressed;
+    the source may be deleted afterwards. Registering the same checkpoint
+    again is recognised and changes nothing. Run `expand` afterwards.
 
     \b
-    Example:
+    Examples:
       mmer register ./llava-vision --name vision --modality vision --task vqa
+      mmer register ./lora-adapter --name chat --modality text --tag owner=ana
+      mmer register ./llava-vision-v2 --name vision --modality vision --update
     """
     with obj.open() as store, obj.progress(f"registering {name}") as bar:
         result = store.register(checkpoint, name, modality, task, llm_prefix=llm_prefix, base=base,
-                                actor=obj.actor, max_relative_change=max_change, progress=bar)
+                                actor=obj.actor, max_relative_change=max_change, progress=bar, update=update,
+                                description=description, tags=parse_tags(tags))
     if not result.created:
-        click.echo(f"already registered as entry {result.entry.name!r}; nothing changed")
+        click.echo(f"already registered as entry {result.entry.label!r}; nothing changed")
         return
-    click.echo(f"registered {name!r} ({modality}/{task}): {result.keymap_summary}; "
+    rev = f" revision {result.entry.revision}" if result.entry.revision > 1 else ""
+    click.echo(f"registered {name!r}{rev} ({modality}/{task}): {result.keymap_summary}; "
                f"relative change {result.entry.stats['relative_change']:.4f}")
 
 
@@ -193,6 +276,12 @@ def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, ll
 @click.option("--lambda", "lam", type=float, help="lambda of the mmer rule; smaller keeps more [1.0].")
 @click.option("--k", type=int, help="Models that must agree, for consensus [2].")
 @click.option("--seed", type=int, help="Seed of dare_ties [0].")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A YAML recipe (method, density, alpha, lambda, mask_rule, members, lambda_per_entry, ...); "
+              "options given beside it override it. Stored with the version.")
+@click.option("--members", help="Comma-separated entries to merge [all active entries].")
+@click.option("--description", default="", help="A description of the new version.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag on the new version (repeatable).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Run the tensor groups as Ray tasks: on the cluster at ADDRESS (host:port, ray://host:10001, "
@@ -200,7 +289,8 @@ def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, ll
               "shared blob location (--objects), so it must be reachable from every node.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 @click.pass_obj
-def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, **overrides) -> None:
+def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, config: Path | None,
+           members: str | None, description: str, tags: tuple[str, ...], **overrides) -> None:
     """Merge all registered entries into a new version and make it current.
 
     With ties and unchanged merge parameters, only the entries added since
@@ -211,20 +301,34 @@ def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, *
     Examples:
       mmer expand
       mmer expand --density 0.3 --lambda 0.8
+      mmer expand --config recipe.yaml --tag stage=staging
       mmer --db-url postgresql://db/mmer --objects s3://bucket/mmer expand --ray ray://head:10001
     """
+    from mmer_cl.params import MergeParams
+
+    as_json = as_json or obj.json
+    recipe = None
+    if config is not None:
+        from mmer_cl.recipe import load_recipe
+
+        recipe = load_recipe(config)
     with obj.open() as store:
         current = store.registry.version(store.base(base).id)
-        start = MergeParams.from_dict(current.params) if current else MergeParams()
+        start = recipe.params if recipe else (MergeParams.from_dict(current.params) if current else MergeParams())
         given = {k: v for k, v in overrides.items() if v is not None}
         params = MergeParams(**{**start.to_dict(), **given})
+        member_list = [m.strip() for m in members.split(",") if m.strip()] if members else \
+            (recipe.members if recipe else None)
         runner = None
         if ray_address is not None:
             from mmer_cl.distributed.ray_expand import RayRunner
 
             runner = RayRunner(ray_address or None)
         with obj.progress("expanding (tensor groups)" if runner else "expanding") as bar:
-            result = store.expand(params, base=base, actor=obj.actor, progress=bar, runner=runner)
+            result = store.expand(params, base=base, actor=obj.actor, progress=bar, members=member_list,
+                                  recipe=recipe.text if recipe else None,
+                                  description=description or (recipe.description if recipe else ""),
+                                  tags={**(recipe.tags if recipe else {}), **parse_tags(tags)}, runner=runner)
     v = result.version
     moved = runner.summary() if runner is not None and result.created else None
     if as_json:
@@ -255,18 +359,20 @@ def versions(obj: Ctx, base: str | None, as_json: bool) -> None:
     """
     with obj.open() as store:
         vs = store.versions(base)
-    if as_json:
+    if as_json or obj.json:
         emit_json(vs)
         return
     if not vs:
         click.echo("no versions yet; run `mmer expand`")
+        return
+    rows = []
     for v in vs:
-        mark = "*" if "current" in v.aliases else " "
         p = v.params
-        click.echo(f"{mark} v{v.number}  {v.created_at:%Y-%m-%d %H:%M}  {v.created_by:<10} {p['method']} "
-                   f"d={p['density']} a={p['alpha']} {p['mask_rule']} l={p['lam']}  "
-                   f"[{', '.join(m.entry_name for m in v.members)}]"
-                   f"{'  incremental' if v.details.get('incremental') else ''}")
+        rows.append(["*" if "current" in v.aliases else "", f"v{v.number}", f"{v.created_at:%Y-%m-%d %H:%M}",
+                     v.created_by, f"{p['method']} d={p['density']} a={p['alpha']} {p['mask_rule']} l={p['lam']}",
+                     ", ".join(m.entry_name + (f"@{m.revision}" if m.revision > 1 else "") for m in v.members),
+                     ", ".join(v.aliases), "incremental" if v.details.get("incremental") else ""])
+    click.echo(render_table(["", "version", "created", "by", "parameters", "members", "aliases", ""], rows))
 
 
 @cli.command()
@@ -283,24 +389,32 @@ def entries(obj: Ctx, include_removed: bool, base: str | None, as_json: bool) ->
     """
     with obj.open() as store:
         es = store.entries(include_removed, base)
-    if as_json:
+    if as_json or obj.json:
         emit_json(es)
         return
+    if not es:
+        click.echo("no entries yet; run `mmer register CHECKPOINT --name NAME --modality MODALITY`")
+        return
+    rows = []
     for e in es:
-        state = "" if e.active else "  (removed)"
-        click.echo(f"{e.name:<16}{e.modality:<10}{e.task:<14}{e.created_at:%Y-%m-%d %H:%M}  {e.source_path}{state}")
+        state = "" if e.active else ("(superseded)" if e.superseded_by else "(removed)")
+        rows.append([e.name, Right(f"r{e.revision}"), e.modality, e.task, f"{e.created_at:%Y-%m-%d %H:%M}",
+                     ", ".join(f"{k}={v}" for k, v in e.tags.items()), e.source_path, state])
+    click.echo(render_table(["entry", "rev", "modality", "task", "created", "tags", "source", ""], rows))
 
 
 @cli.command()
-@click.argument("version", type=int)
+@click.argument("version")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
-def rollback(obj: Ctx, version: int, base: str | None) -> None:
-    """Make VERSION current again. Nothing is deleted; you can roll forward too.
+def rollback(obj: Ctx, version: str, base: str | None) -> None:
+    """Make VERSION (3, v3 or an alias) current again. Nothing is deleted; you can roll forward too.
 
     \b
-    Example:
+    Examples:
       mmer rollback 2
+      mmer rollback v2
+      mmer rollback production
     """
     with obj.open() as store:
         before, after = store.rollback(version, base=base, actor=obj.actor)
@@ -378,27 +492,41 @@ def parse_size(text: str) -> int:
 @click.option("--no-svd", is_flag=True, help="Skip the SVD fidelity comparison (slow on big models).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw size against reconstruction error (MMER, LoRA ranks, full copies) to this PNG.")
 @click.pass_obj
-def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool) -> None:
+def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool,
+           plot: Path | None) -> None:
     """Storage cost of a version against full copies and LoRA adapters.
 
-    Reports bytes on disk of the merged vector, accumulators, each mask
-    (density, bits per parameter and the entropy bound H(density)) and each
-    modality side; against N full fine-tuned copies and N LoRA adapters of
-    each rank on all linear layers; and the relative error of LoRA extracted
-    from each task vector by SVD next to MMER's own.
+    Counts every byte the store holds on disk (task vectors, merged
+    vectors, masks, modality sides, files, the registry; the total is what
+    `du -sb` says), split into what serving a version needs (base + merged +
+    masks + modality sides) and what is kept only to re-merge later; against
+    N full fine-tuned copies and N LoRA adapters of each rank on all linear
+    layers; per entry, each mask's density, bits per parameter and the
+    entropy bound H(density); and the relative error of LoRA extracted from
+    each task vector by SVD next to MMER's own.
 
     \b
-    Example:
+    Examples:
       mmer report --ranks 8,64 --json
+      mmer report --plot size-vs-error.png
     """
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:
         raise click.BadParameter(f"ranks must be integers separated by commas, got {ranks!r}") from None
+    from mmer_cl.report import format_report
+
     with obj.open() as store, obj.progress("measuring") as bar:
         r = store.report(version, base, rank_list, svd=not no_svd, progress=bar)
-    emit_json(r) if as_json else click.echo(format_report(r))
+    emit_json(r) if as_json or obj.json else click.echo(format_report(r))
+    if plot:
+        from mmer_cl.report import plot_report
+
+        plot_report(r, plot)
+        click.echo(f"wrote {plot}", err=as_json or obj.json)
 
 
 @cli.command()
@@ -417,7 +545,7 @@ def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
     """
     with obj.open() as store, obj.progress("verifying") as bar:
         rep = store.audit(check_base=check_base, progress=bar)
-    if as_json:
+    if as_json or obj.json:
         emit_json({"ok": rep.ok, **_jsonable(rep)})
     else:
         for d in rep.damaged:
@@ -444,12 +572,12 @@ def history(obj: Ctx, limit: int | None, as_json: bool) -> None:
     """
     with obj.open() as store:
         events = store.history(limit)
-    if as_json:
+    if as_json or obj.json:
         emit_json(events)
         return
-    for e in events:
-        click.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<10} {e.action:<9} {e.subject:<18} "
-                   f"{e.before or '-'} -> {e.after or '-'}")
+    click.echo(render_table(["when", "who", "action", "subject", "change"],
+                            [[f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject,
+                              f"{e.before or '-'} -> {e.after or '-'}"] for e in events]))
 
 
 @cli.command()
@@ -465,6 +593,153 @@ def gc(obj: Ctx) -> None:
         result = store.gc(obj.actor)
     click.echo(f"removed {result.removed} blobs ({human_bytes(result.freed_bytes)}), "
                f"{result.temp_files} temp files")
+
+
+@cli.group(cls=click.Group, invoke_without_command=True)
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_context
+def alias(ctx: click.Context, base: str | None) -> None:
+    """Named pointers to versions (current, production, ...); every move is in the audit log.
+
+    Without a subcommand, lists the aliases. `current` is the default of
+    every command and moves with `expand` and `rollback`.
+
+    \b
+    Examples:
+      mmer alias set production v3
+      mmer alias rm production
+      mmer alias
+    """
+    ctx.ensure_object(Ctx)
+    ctx.meta["alias_base"] = base
+    if ctx.invoked_subcommand is None:
+        obj: Ctx = ctx.obj
+        with obj.open() as store:
+            aliases = store.aliases(base)
+        if obj.json:
+            emit_json(aliases)
+            return
+        click.echo(render_table(["alias", "version"],
+                                [[a, f"v{n}" if n is not None else "none"] for a, n in aliases.items()]))
+
+
+@alias.command("set")
+@click.argument("name")
+@click.argument("version")
+@click.pass_context
+def alias_set(ctx: click.Context, name: str, version: str) -> None:
+    """Point alias NAME at VERSION (3, v3 or another alias).
+
+    \b
+    Example:
+      mmer alias set production v3
+    """
+    obj: Ctx = ctx.obj
+    with obj.open() as store:
+        before, after = store.set_alias(name, version, base=ctx.meta.get("alias_base"), actor=obj.actor)
+    click.echo(f"{name}: {before} -> {after}")
+
+
+@alias.command("rm")
+@click.argument("name")
+@click.pass_context
+def alias_rm(ctx: click.Context, name: str) -> None:
+    """Remove alias NAME (the version stays; `current` cannot be removed).
+
+    \b
+    Example:
+      mmer alias rm production
+    """
+    obj: Ctx = ctx.obj
+    with obj.open() as store:
+        before = store.remove_alias(name, base=ctx.meta.get("alias_base"), actor=obj.actor)
+    click.echo(f"{name}: {before} -> none (removed)")
+
+
+@cli.command()
+@click.argument("pairs", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--entry", "-e", help="Tag this entry instead of a version.")
+@click.option("--version", "version", help="The version to tag (3, v3 or an alias) [current].")
+@click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def tag(obj: Ctx, pairs: tuple[str, ...], entry: str | None, version: str | None, remove: tuple[str, ...],
+        base: str | None) -> None:
+    """Set or remove key=value tags on a version (default: current) or an entry.
+
+    \b
+    Examples:
+      mmer tag stage=production reviewed=yes
+      mmer tag --version v2 --rm stage
+      mmer tag --entry vision owner=ana
+    """
+    if not pairs and not remove:
+        raise click.UsageError("give tags as KEY=VALUE and/or --rm KEY")
+    with obj.open() as store:
+        tags = store.tag(parse_tags(pairs), remove=remove, entry=entry, version=version, base=base, actor=obj.actor)
+    click.echo(", ".join(f"{k}={v}" for k, v in tags.items()) or "no tags")
+
+
+@cli.command()
+@click.argument("text")
+@click.option("--entry", "-e", help="Describe this entry instead of a version.")
+@click.option("--version", "version", help="The version to describe (3, v3 or an alias) [current].")
+@click.option("--base", help="Base name, when the store holds several.")
+@click.pass_obj
+def describe(obj: Ctx, text: str, entry: str | None, version: str | None, base: str | None) -> None:
+    """Set the description of a version (default: current) or an entry.
+
+    \b
+    Examples:
+      mmer describe "vision + audio, density 0.5"
+      mmer describe --entry vision "LLaVA-1.5 fine-tune on VQAv2"
+    """
+    with obj.open() as store:
+        store.describe(text, entry=entry, version=version, base=base, actor=obj.actor)
+    click.echo("description set")
+
+
+@cli.command()
+@click.argument("version", required=False)
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def show(obj: Ctx, version: str | None, base: str | None, as_json: bool) -> None:
+    """One version in full: members, parameters, mask densities, sizes, recipe.
+
+    VERSION is 3, v3 or an alias [current].
+
+    \b
+    Examples:
+      mmer show
+      mmer show v2 --json
+    """
+    from mmer_cl.versions import format_show
+
+    with obj.open() as store:
+        d = store.show(version, base)
+    emit_json(d) if as_json or obj.json else click.echo(format_show(d))
+
+
+@cli.command()
+@click.argument("v1")
+@click.argument("v2", required=False)
+@click.option("--base", help="Base name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def diff(obj: Ctx, v1: str, v2: str | None, base: str | None, as_json: bool) -> None:
+    """What changed from V1 to V2 [current]: members, parameters, mask densities per entry.
+
+    \b
+    Examples:
+      mmer diff v1 v2
+      mmer diff production
+    """
+    from mmer_cl.versions import format_diff
+
+    with obj.open() as store:
+        d = store.diff(v1, v2 if v2 is not None else "current", base)
+    emit_json(d) if as_json or obj.json else click.echo(format_diff(d))
 
 
 def main() -> None:

@@ -45,11 +45,27 @@ def accumulate(taus: Sequence[torch.Tensor], density: float,
 
 def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
                          alpha: float) -> torch.Tensor:
-    """The ties merge, trimming each task vector by its known threshold and folding them in order."""
-    acc = TiesAccumulator.zeros(taus[0].shape, taus[0].device, as_working(taus[0]).dtype)
+    """The ties merge, trimming each task vector by its known threshold and folding them in order.
+
+    The same sums, in the same order, as :class:`TiesAccumulator` (so the
+    same bits), computed in place: the hot loop of every expansion.
+    """
+    first = as_working(taus[0])
+    pos, neg, scratch = torch.zeros_like(first), torch.zeros_like(first), torch.empty_like(first)
+    n_pos = torch.zeros(first.shape, dtype=torch.int32, device=first.device)
+    n_neg = torch.zeros_like(n_pos)
     for tau, threshold in zip(taus, thresholds):
-        acc = acc.add(apply_trim(tau, threshold))
-    return acc.merged(alpha)
+        hat = apply_trim(tau, threshold)
+        pos.add_(torch.clamp(hat, min=0, out=scratch))
+        neg.add_(torch.clamp(hat, max=0, out=scratch))
+        n_pos.add_(hat > 0)
+        n_neg.add_(hat < 0)
+    total = torch.add(pos, neg, out=scratch)
+    pos.div_(n_pos.clamp_(min=1))
+    neg.div_(n_neg.clamp_(min=1))
+    merged = torch.where(total > 0, pos, torch.where(total < 0, neg, torch.zeros((), dtype=pos.dtype,
+                                                                                  device=pos.device)))
+    return merged if alpha == 1.0 else alpha * merged
 
 
 def expand_tensor(
@@ -57,12 +73,14 @@ def expand_tensor(
     params: MergeParams,
     tensor_name: str = "",
     thresholds: Sequence[TrimThreshold | None] | None = None,
+    lams: Sequence[float] | None = None,
 ) -> TensorExpansion:
     """Merge ``taus`` and mask each of them.
 
     With ``ties``, ``thresholds[i]`` (when given) is model ``i``'s trim of this
     tensor from an earlier expansion at the same density, so only models
     without one are trimmed by selection; the result is the same either way.
+    ``lams`` gives each task vector its own mask lambda (default: ``params.lam`` for all).
     """
     if not taus:
         raise ValueError("expand_tensor needs at least one task vector")
@@ -74,7 +92,7 @@ def expand_tensor(
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
-    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam, k=params.k)
+    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam if lams is None else lams, k=params.k)
     if params.mask_rule == "emr":
         abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
     else:

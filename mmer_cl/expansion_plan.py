@@ -33,7 +33,7 @@ from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import TensorReader, encode
-from storage.delta import MaskPackBuilder, encode_delta
+from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
 Put = Callable[[bytes], str]
@@ -172,11 +172,12 @@ class _GroupWriter:
         n = len(plan.members)
         self.result = GroupResult(kept=[0] * n, abs_sums=[[0.0, 0.0] for _ in range(n)])
         self.packs = [MaskPackBuilder() for _ in range(n)]
+        self.lams = [plan.params.lam_for(m.name) for m in plan.members]
 
     def add(self, job: TensorJob, inputs: _Inputs) -> None:
         plan, result = self.plan, self.result
         thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
-        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds)
+        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds, lams=self.lams)
         for member, known, found in zip(plan.members, thresholds, out.thresholds):
             if known is None and found is not None:
                 result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
@@ -186,6 +187,7 @@ class _GroupWriter:
             parent, depth = inputs.prev_merged
             coded = encode_delta(merged, parent, job.prev_merged, depth)
         raw = merged.numel() * merged.element_size()
+        nonzero = (merged != 0).reshape(-1)  # masks are ordered by it (see MaskPackBuilder.add)
         if coded is not None and not bool(coded[1].any()):  # unchanged: the previous blob serves again
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
@@ -193,18 +195,25 @@ class _GroupWriter:
             blob, support = coded if coded is not None else (encode(merged), None)
             digest = self.put(blob)
             result.refs.append(BlobRef("merged", job.key, digest, len(blob), raw))
-        for i, mask in enumerate(out.masks):
-            mask = mask.cpu()
-            result.kept[i] += int(mask.sum())
+        masks = [m.cpu() for m in out.masks]
+        parents = []
+        for i, mask in enumerate(masks):
+            result.kept[i] += int(torch.count_nonzero(mask))
+            result.abs_sums[i][0] += out.abs_sums[i][0]
+            result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
             if prev is not None and torch.equal(prev[0], mask):  # unchanged: point at the previous pack
                 result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
                                            plan.members[i].entry_id))
+                parents.append(None)
+                masks[i] = None
             else:
-                parent = (job.prev_masks[i], prev[0], prev[1]) if prev is not None else None
-                self.packs[i].add(job.key, mask, parent, (digest, support) if support is not None else None)
-            result.abs_sums[i][0] += out.abs_sums[i][0]
-            result.abs_sums[i][1] += out.abs_sums[i][1]
+                parents.append((job.prev_masks[i], prev[0], prev[1]) if prev is not None else None)
+        changed = [i for i, m in enumerate(masks) if m is not None]
+        coded = code_masks(job.key, [masks[i] for i in changed], [parents[i] for i in changed],
+                           (digest, support) if support is not None else None, (digest, nonzero))
+        for i, (member, bits) in zip(changed, coded):
+            self.packs[i].add_coded(member, bits)
         result.numel += job.numel
 
     def finish(self) -> GroupResult:
@@ -252,8 +261,11 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
 
 
 def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[GroupResult], actor: str,
-                     started: float, remove: str | None = None) -> VersionRecord:
-    """Record the version, in one transaction, once every group has succeeded."""
+                     started: float, remove: str | None = None, **annotations) -> VersionRecord:
+    """Record the version, in one transaction, once every group has succeeded.
+
+    ``annotations`` (recipe, description, tags) are stored with it.
+    """
     n = len(plan.members)
     kept = [sum(r.kept[i] for r in results) for i in range(n)]
     sums = [[sum(r.abs_sums[i][j] for r in results) for j in (0, 1)] for i in range(n)]
@@ -273,4 +285,4 @@ def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[
     }
     refs = [ref for r in results for ref in r.refs]
     return registry.add_version(plan.base_id, plan.params.to_dict(), details, members, refs, actor,
-                                remove_entry=remove, trims=trims)
+                                remove_entry=remove, trims=trims, **annotations)

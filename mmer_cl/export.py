@@ -62,13 +62,15 @@ def identity_keymap(base: Checkpoint) -> KeyMap:
 
 def write_merged_llm(out_dir: str | Path, base: Checkpoint, base_source: TensorSource, merged: TensorSource,
                      overwrite: bool = False, max_shard_bytes: int | None = None,
-                     progress: Progress | None = None) -> Path:
+                     progress: Progress | None = None, metadata: dict[str, str] | None = None,
+                     extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write the text-only merged LLM ``theta_0 + tau_*`` in the base's own layout and files."""
     keymap = identity_keymap(base)
     tensors = reconstructed_tensors(keymap, base=base_source, merged=merged, mask=None, own=base_source)
     aux = {p.name: p for p in base.aux_files()}
+    aux.update(extra_files or {})
     return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                       **layout_of(keymap, max_shard_bytes))
+                       metadata=metadata, **layout_of(keymap, max_shard_bytes))
 
 
 def layout_of(keymap: KeyMap, max_shard_bytes: int | None) -> dict:
@@ -86,13 +88,14 @@ def write_model(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
     groups: Sequence[Sequence[str]] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a Hugging Face style checkpoint directory atomically, one tensor at a time.
 
     ``specs`` lists every tensor in the order ``tensors`` yields them;
     ``groups`` (tensor names per shard) reproduces a known shard layout;
     ``aux_files`` maps file name -> bytes or a path to copy (config.json,
-    tokenizer files, ...).
+    tokenizer files, ...); ``metadata`` goes into every shard's safetensors header.
     """
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for name, content in aux_files.items():
@@ -101,7 +104,7 @@ def write_model(
                 shutil.copyfile(content, target)
             else:
                 target.write_bytes(content)
-        writer = ShardedWriter(tmp, specs, max_shard_bytes, groups)
+        writer = ShardedWriter(tmp, specs, max_shard_bytes, groups, metadata)
         try:
             for i, (name, tensor) in enumerate(tensors, start=1):
                 writer.add(name, tensor)

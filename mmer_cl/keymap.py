@@ -179,10 +179,14 @@ def map_keys(
 
     if not llm:
         tried = llm_prefix or ", ".join(KNOWN_LLM_PREFIXES)
+        lora = any(".lora_A." in k or ".lora_B." in k for k in order)
         raise KeyMappingError(
             "no LLM tensors found: no checkpoint tensor matches a base tensor by name and shape "
-            f"(prefixes tried: {tried}). Check that this is a fine-tune of this base, or pass the "
-            "prefix its LLM lives under with llm_prefix / --llm-prefix."
+            f"(prefixes tried: {tried}). "
+            + ("These are peft LoRA factors: register the adapter's directory (the one holding "
+               "adapter_config.json and adapter_model.safetensors), not the weights file."
+               if lora else "Check that this is a fine-tune of this base, or pass the "
+               "prefix its LLM lives under with llm_prefix / --llm-prefix.")
         )
     matched = set(llm.values())
     missing = [k for k in base_shapes if k not in matched]

@@ -31,7 +31,10 @@ def mmer_mask(tau: torch.Tensor, merged: torch.Tensor, lam: float = 1.0) -> torc
     if lam < 0:
         raise ConfigError(f"lambda must be >= 0, got {lam}")
     tau, merged = common([as_working(tau), as_working(merged.to(tau.device))])
-    return tau.abs() >= lam * (tau - merged).abs()
+    gap = torch.sub(tau, merged).abs_()
+    if lam != 1.0:
+        gap.mul_(lam)
+    return tau.abs() >= gap
 
 
 def emr_mask(tau: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
@@ -40,19 +43,29 @@ def emr_mask(tau: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
     return tau * merged > 0
 
 
-def consensus_mask(taus: Sequence[torch.Tensor], merged: torch.Tensor, k: int, lam: float = 1.0) -> torch.Tensor:
+def _lams(lam: float | Sequence[float], n: int) -> list[float]:
+    """One lambda per model: ``lam`` for all, or one each."""
+    if isinstance(lam, (int, float)):
+        return [float(lam)] * n
+    if len(lam) != n:
+        raise ConfigError(f"{len(lam)} lambdas given for {n} models")
+    return [float(x) for x in lam]
+
+
+def consensus_mask(taus: Sequence[torch.Tensor], merged: torch.Tensor, k: int,
+                   lam: float | Sequence[float] = 1.0) -> torch.Tensor:
     """Entries that at least ``k`` of the models' ``mmer`` masks select."""
     if k < 1:
         raise ConfigError(f"consensus k must be >= 1, got {k}")
-    votes = torch.stack([mmer_mask(t, merged, lam) for t in taus]).sum(dim=0)
+    votes = torch.stack([mmer_mask(t, merged, lm) for t, lm in zip(taus, _lams(lam, len(taus)))]).sum(dim=0)
     return votes >= k
 
 
 def compute_masks(rule: str, taus: Sequence[torch.Tensor], merged: torch.Tensor, *,
-                  lam: float = 1.0, k: int = 2) -> list[torch.Tensor]:
-    """One boolean mask per task vector, by rule name."""
+                  lam: float | Sequence[float] = 1.0, k: int = 2) -> list[torch.Tensor]:
+    """One boolean mask per task vector, by rule name (``lam``: one for all, or one per model)."""
     if rule == "mmer":
-        return [mmer_mask(t, merged, lam) for t in taus]
+        return [mmer_mask(t, merged, lm) for t, lm in zip(taus, _lams(lam, len(taus)))]
     if rule == "emr":
         return [emr_mask(t, merged) for t in taus]
     if rule == "consensus":

@@ -88,18 +88,22 @@ def trim_threshold(tau: torch.Tensor, density: float) -> TrimThreshold:
         return TrimThreshold(-1, 0)
     keys = sortable_magnitudes(tau)
     t = _kth_largest(keys, k)
-    return TrimThreshold(t, k - int((keys > t).sum()))
+    return TrimThreshold(t, k - int(torch.count_nonzero(keys > t)))
 
 
 def apply_trim(tau: torch.Tensor, threshold: TrimThreshold) -> torch.Tensor:
-    """``tau`` with every entry that ``threshold`` does not keep set to zero (working dtype)."""
+    """``tau`` with every entry that ``threshold`` does not keep set to zero (working dtype).
+
+    Dropped negative entries may come out as -0.0, which every later step
+    treats as zero.
+    """
     tau = as_working(tau)
     keys = sortable_magnitudes(tau)
     keep = keys > threshold.bits
     if threshold.ties and threshold.bits > 0:  # kept zeros change nothing
         tied = (keys == threshold.bits).nonzero().reshape(-1)[: threshold.ties]
         keep[tied] = True
-    return torch.where(keep, tau.reshape(-1), torch.zeros((), dtype=tau.dtype, device=tau.device)).reshape(tau.shape)
+    return tau.reshape(-1).mul(keep).reshape(tau.shape)
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from mmer_cl.errors import ConfigError
 from mmer_cl.masks import MASK_RULES
@@ -21,6 +21,7 @@ class MergeParams:
     lam: lambda of the ``mmer`` rule (smaller keeps more parameters).
     k: how many models must agree, for ``consensus``.
     seed: seed of ``dare_ties``'s random drop.
+    lam_per_entry: lambda for named entries, overriding ``lam`` for them (mask rules ``mmer`` and ``consensus``).
     """
 
     method: str = "ties"
@@ -30,6 +31,7 @@ class MergeParams:
     lam: float = 1.0
     k: int = 2
     seed: int = 0
+    lam_per_entry: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in MERGE_METHODS:
@@ -42,6 +44,17 @@ class MergeParams:
             raise ConfigError(f"lambda must be >= 0, got {self.lam}")
         if self.k < 1:
             raise ConfigError(f"consensus k must be >= 1, got {self.k}")
+        for name, lam in self.lam_per_entry.items():
+            if not isinstance(lam, (int, float)) or lam < 0:
+                raise ConfigError(f"lambda of entry {name!r} must be a number >= 0, got {lam!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.method, self.density, self.alpha, self.mask_rule, self.lam, self.k, self.seed,
+                     tuple(sorted(self.lam_per_entry.items()))))
+
+    def lam_for(self, entry: str) -> float:
+        """The mask lambda of one entry: its own from ``lam_per_entry``, else ``lam``."""
+        return float(self.lam_per_entry.get(entry, self.lam))
 
     @property
     def incremental(self) -> bool:

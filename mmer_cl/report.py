@@ -20,12 +20,15 @@ Baselines, for the same entries:
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from mmer_cl.export import Progress
 from mmer_cl.dtypes import ITEM_BYTES, is_float_code
+from mmer_cl.table import human_bytes  # noqa: F401 (also re-exported for older imports)
 
 if TYPE_CHECKING:
     from mmer_cl.store import Store
@@ -61,6 +64,55 @@ def _blob_total(refs) -> tuple[int, int]:
     return sum(r.stored_bytes for r in refs), sum(r.raw_bytes for r in refs)
 
 
+def blob_closure(store: "Store", digests) -> set[str]:
+    """``digests`` and every blob their decoding reads, transitively."""
+    seen: set[str] = set()
+    todo = list(digests)
+    while todo:
+        d = todo.pop()
+        if d not in seen:
+            seen.add(d)
+            todo.extend(store.reader.links(d))
+    return seen
+
+
+def du_bytes(path: Path) -> int:
+    """What ``du -sb`` counts: the apparent size of every file and directory below ``path``."""
+    total = path.lstat().st_size
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def disk_usage(store: "Store") -> dict:
+    """Every byte under the store directory, by what it holds (adds up to ``du -sb``)."""
+    reg = store.registry
+    kinds: dict[str, str] = {}
+    for b in reg.bases():
+        for e in reg.entries(b.id, include_removed=True):
+            for r in reg.entry_blobs(e.id):
+                kinds.setdefault(r.digest, {"task_vector": "task_vectors", "own": "modality_sides",
+                                            "aux": "non_weight_files"}.get(r.role, "other_entry_blobs"))
+        for v in reg.versions(b.id):
+            for r in reg.version_blobs(v.id):
+                kind = "masks" if r.role == "mask" else "merged" if r.role == "merged" else "legacy_accumulators"
+                kinds.setdefault(r.digest, kind)
+    usage = {k: 0 for k in ("task_vectors", "merged", "masks", "legacy_accumulators", "modality_sides",
+                            "non_weight_files", "other_entry_blobs", "unreferenced_blobs")}
+    files = 0
+    for digest in store.blobs.digests():
+        size = store.blobs.size(digest)
+        usage[kinds.get(digest, "unreferenced_blobs")] += size
+        files += size
+    registry = sum(p.stat().st_size for p in store.root.glob("registry.db*") if p.is_file())
+    total = du_bytes(store.root)
+    usage["registry"] = registry
+    usage["directories_and_other"] = total - files - registry
+    usage["total"] = total
+    return usage
+
+
 def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord", ranks: Sequence[int],
                    svd: bool, progress: Progress | None = None) -> dict:
     reg = store.registry
@@ -72,12 +124,16 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
     base_item = ITEM_BYTES[llm[0].dtype] if llm else 2
 
     blobs = reg.version_blobs(version.id)
-    merged_stored, merged_raw = _blob_total(b for b in blobs if b.role == "merged")
+    needed = blob_closure(store, {b.digest for b in blobs if b.role in ("merged", "mask")})
+    mask_owner = {r.digest: r.entry_id for v in reg.versions(base.id) for r in reg.version_blobs(v.id, "mask")}
+    size = {d: store.blobs.size(d) for d in needed}
+    merged_stored = sum(n for d, n in size.items() if d not in mask_owner)
+    merged_raw = sum(b.raw_bytes for b in blobs if b.role == "merged")
     acc_stored, _ = _blob_total(b for b in blobs if b.role.startswith("acc."))
     entries = []
     for step, m in enumerate(version.members, start=1):
-        entry = reg.entry(base.id, m.entry_name)
-        mask_stored, _ = _blob_total(b for b in blobs if b.role == "mask" and b.entry_id == m.entry_id)
+        entry = reg.entry_by_id(m.entry_id)
+        mask_stored = sum(n for d, n in size.items() if mask_owner.get(d) == m.entry_id)
         own = reg.entry_blobs(m.entry_id, "own") + reg.entry_blobs(m.entry_id, "aux")
         tv_stored, _ = _blob_total(reg.entry_blobs(m.entry_id, "task_vector"))
         row = {
@@ -87,6 +143,7 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
             "mask_entropy_bound": binary_entropy(m.mask_density), "scale": m.scale,
             "modality_side_bytes": _blob_total(own)[0], "modality_side_raw_bytes": _blob_total(own)[1],
             "task_vector_archive_bytes": tv_stored,
+            "task_vector_bits_per_param": 8 * tv_stored / n_params if n_params else 0.0,
             "full_copy_bytes": entry.stats.get("checkpoint_bytes", 0),
         }
         if svd:
@@ -97,17 +154,26 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
 
     side = sum(e["modality_side_bytes"] for e in entries)
     masks = sum(e["mask_bytes"] for e in entries)
-    lora = {str(r): {"adapter_bytes_each": lora_params(list(linear.values()), r) * base_item,
-                     "total_bytes": base_bytes + side + len(entries) * lora_params(list(linear.values()), r) * base_item}
-            for r in ranks}
+    adapter = lora_params(list(linear.values()), 1) * base_item
+    lora = {str(r): {"adapter_bytes_each": r * adapter,
+                     "total_bytes": base_bytes + side + len(entries) * r * adapter} for r in ranks}
+    usage = disk_usage(store)
+    deployment = {"base": base_bytes, "merged": merged_stored, "masks": masks, "modality_sides": side,
+                  "total": base_bytes + merged_stored + masks + side}
+    remerge = {"task_vectors": usage["task_vectors"],
+               "other_versions": usage["merged"] + usage["masks"] + usage["legacy_accumulators"]
+               - merged_stored - masks,
+               "registry": usage["registry"]}
     return {
         "version": version.number, "params": version.params, "llm_params": n_params,
         "linear_layers": len(linear), "base_bytes": base_bytes,
         "merged_bytes": merged_stored, "merged_raw_bytes": merged_raw,
         "accumulator_bytes": acc_stored, "entries": entries,
-        "mmer_total_bytes": base_bytes + merged_stored + masks + side,
+        "mmer_total_bytes": deployment["total"],
         "full_copies_total_bytes": sum(e["full_copy_bytes"] for e in entries),
         "lora": lora,
+        "deployment": deployment, "remerge": remerge, "on_disk": usage,
+        "store_total_with_base_bytes": usage["total"] + base_bytes,
     }
 
 
@@ -137,41 +203,50 @@ def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, l
             "svd_lora_relative_error": {str(r): rel(e) for r, e in svd_err.items()}}
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def format_report(r: dict) -> str:
     """The report as text tables for the terminal."""
-    p = r["params"]
+    p, hb = r["params"], human_bytes
+    n = len(r["entries"])
+    disk, dep, keep = r["on_disk"], r["deployment"], r["remerge"]
     lines = [
         f"version {r['version']}: {p['method']} (density {p['density']}, alpha {p['alpha']}), "
-        f"masks {p['mask_rule']} (lambda {p['lam']}); {r['llm_params']:,} LLM parameters",
-        "",
-        f"{'artifact':<34}{'on disk':>14}",
-        f"{'base LLM (shared, referenced)':<34}{human_bytes(r['base_bytes']):>14}",
-        f"{'merged task vector':<34}{human_bytes(r['merged_bytes']):>14}",
-        f"{'accumulators (for expansion)':<34}{human_bytes(r['accumulator_bytes']):>14}",
-        "",
-        f"{'entry':<14}{'mask':>12}{'density':>9}{'bits/param':>11}{'H(d)':>7}{'modality side':>15}"
-        f"{'full copy':>12}",
+        f"masks {p['mask_rule']} (lambda {p['lam']}); {r['llm_params']:,} LLM parameters, {n} entries",
+        "", f"On disk: {hb(disk['total'])} (what `du -sb` counts for the store directory)",
     ]
+    labels = [("task_vectors", "task vectors (kept to re-merge later)"), ("merged", "merged vectors, all versions"),
+              ("masks", "masks, all versions"), ("modality_sides", "modality sides (encoders, projectors)"),
+              ("non_weight_files", "non-weight files (configs, tokenizers)"),
+              ("legacy_accumulators", "accumulators (stores from mmer-cl 0.1)"),
+              ("other_entry_blobs", "other entry blobs"), ("unreferenced_blobs", "unreferenced (run `mmer gc`)"),
+              ("registry", "registry database"), ("directories_and_other", "directories, lock, markers")]
+    lines += [f"  {label:<44}{hb(disk[key]):>12}" for key, label in labels if disk.get(key)]
+    full = r["full_copies_total_bytes"]
+    lines += ["", f"Serving version {r['version']} (base counted once where it is shared):",
+              f"  {'MMER: base + merged + masks + modality sides':<52}{hb(dep['total']):>12}",
+              f"    {'base (referenced, not copied)':<50}{hb(dep['base']):>12}",
+              f"    {'merged vector':<50}{hb(dep['merged']):>12}",
+              f"    {'masks':<50}{hb(dep['masks']):>12}",
+              f"    {'modality sides':<50}{hb(dep['modality_sides']):>12}",
+              f"  {f'{n} full fine-tuned copies':<52}{hb(full):>12}"]
+    for rank, lo in r["lora"].items():
+        label = f"LoRA rank {rank} on {r['linear_layers']} linear layers (+ base, sides)"
+        lines.append(f"  {label:<52}{hb(lo['total_bytes']):>12}")
+    lines += ["", "Kept only to re-merge later (full copies keep nothing extra; LoRA adapters cannot re-merge):",
+              f"  {'task vectors':<52}{hb(keep['task_vectors']):>12}",
+              f"  {'other versions (history, rollback)':<52}{hb(keep['other_versions']):>12}",
+              f"  {'registry':<52}{hb(keep['registry']):>12}",
+              f"  {'whole store + base':<52}{hb(r['store_total_with_base_bytes']):>12}"
+              + (f"  ({r['store_total_with_base_bytes'] / full:.2f}x the full copies)" if full else ""),
+              "", f"{'entry':<14}{'mask':>12}{'density':>9}{'bits/param':>11}{'H(d)':>7}{'modality side':>15}"
+              f"{'task vector':>13}{'full copy':>12}"]
     for e in r["entries"]:
-        lines.append(f"{e['name']:<14}{human_bytes(e['mask_bytes']):>12}{e['mask_density']:>9.3f}"
+        lines.append(f"{e['name']:<14}{hb(e['mask_bytes']):>12}{e['mask_density']:>9.3f}"
                      f"{e['mask_bits_per_param']:>11.3f}{e['mask_entropy_bound']:>7.3f}"
-                     f"{human_bytes(e['modality_side_bytes']):>15}{human_bytes(e['full_copy_bytes']):>12}")
-    n = len(r["entries"])
-    lines += ["", f"total for {n} entries (base included where it is needed):",
-              f"  {'MMER (base + merged + masks + modality sides)':<48}{human_bytes(r['mmer_total_bytes']):>12}",
-              f"  {'full fine-tuned copies':<48}{human_bytes(r['full_copies_total_bytes']):>12}"]
-    for rank, l in r["lora"].items():
-        label = f"LoRA rank {rank}, {r['linear_layers']} linear layers (+ base, sides)"
-        lines.append(f"  {label:<48}"
-                     f"{human_bytes(l['total_bytes']):>12}")
+                     f"{hb(e['modality_side_bytes']):>15}{e['task_vector_bits_per_param']:>8.2f} b/p"
+                     f"{hb(e['full_copy_bytes']):>12}")
+    lines += ["H(d) = -d log2 d - (1-d) log2(1-d): the fewest bits per parameter an independent random mask of",
+              "density d can cost. Masks here are coded against the merged vector and the previous version, so",
+              "they can cost less; bits/param counts every blob this version's masks need, shared parents included."]
     if r["entries"] and "fidelity" in r["entries"][0]:
         ranks = list(r["entries"][0]["fidelity"]["svd_lora_relative_error"])
         lines += ["", "relative error of the LLM task vector on linear layers (lower is better):",
@@ -181,3 +256,34 @@ def format_report(r: dict) -> str:
             lines.append(f"{e['name']:<14}{f['mmer_relative_error']:>8.3f}" +
                          "".join(f"{f['svd_lora_relative_error'][k]:>10.3f}" for k in ranks))
     return "\n".join(lines)
+
+
+def plot_report(r: dict, path: str | Path) -> Path:
+    """Size against reconstruction error: MMER and LoRA ranks, with the full copies as a reference line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("the plot needs matplotlib: pip install matplotlib") from exc
+    if not r["entries"] or "fidelity" not in r["entries"][0]:
+        raise ValueError("the plot needs the fidelity comparison; run the report without --no-svd")
+    mib = 1024**2
+    fig, ax = plt.subplots(figsize=(6, 4))
+    err = [e["fidelity"]["mmer_relative_error"] for e in r["entries"]]
+    ax.scatter([r["mmer_total_bytes"] / mib], [sum(err) / len(err)], color="C0", zorder=3, label="MMER (mean over entries)")
+    ranks = list(r["lora"])
+    lora_err = [sum(e["fidelity"]["svd_lora_relative_error"][k] for e in r["entries"]) / len(r["entries"]) for k in ranks]
+    ax.plot([r["lora"][k]["total_bytes"] / mib for k in ranks], lora_err, "o-", color="C1", label="LoRA (SVD of tau)")
+    for k, x, y in zip(ranks, [r["lora"][k]["total_bytes"] / mib for k in ranks], lora_err):
+        ax.annotate(f"r={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(r["full_copies_total_bytes"] / mib, color="grey", linestyle="--", label="full copies (error 0)")
+    ax.set_xlabel("bytes to serve every entry (MiB, base included)")
+    ax.set_ylabel("relative error of the task vector")
+    ax.set_title(f"storage against fidelity, version {r['version']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -39,12 +39,14 @@ from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_ten
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.keymap import KeyMap
 from mmer_cl.locks import writer_lock
+from mmer_cl.lora import open_checkpoint
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
+from mmer_cl.merging import trim_threshold
 from mmer_cl.task_vector import task_vector
-from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
-                      RegistryError, VersionRecord, sqlite_url)
+from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+                      Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
 from storage import Batch, BlobError, BlobStore, TensorReader, encode
 
 DB_NAME = "registry.db"
@@ -56,6 +58,25 @@ ENV_ACTOR = "MMER_ACTOR"
 
 class StoreError(MmerError):
     """The store cannot do what was asked; the message says what to do."""
+
+
+def validate_alias(name: str) -> str:
+    """An alias is a name that cannot be read as a version number (``3``, ``v3``)."""
+    validate_name(name, "alias")
+    if version_number(name) is not None:
+        raise StoreError(f"alias {name!r} reads as a version number; choose a word such as 'production'")
+    return name
+
+
+def validate_tags(tags: dict | None) -> dict:
+    """Tag keys are names; values are short strings."""
+    out = {}
+    for key, value in (tags or {}).items():
+        validate_name(str(key), "tag key")
+        if len(str(value)) > 1000:
+            raise StoreError(f"tag {key!r} is longer than 1000 characters; put long text in a description")
+        out[str(key)] = str(value)
+    return out
 
 
 def default_actor() -> str:
@@ -159,8 +180,15 @@ class Store:
     def init(cls, root: str | Path, base: str | Path, base_name: str | None = None, actor: str | None = None,
              url: str | None = None, progress: Progress | None = None, *, objects: str | Path | None = None,
              **kw) -> "Store":
-        """Create a store (or add a base to one) and record the base model's fingerprint."""
+        """Create a store (or add a base to one) and record the base model's fingerprint.
+
+        A base the store already holds (same tensors) is recognised, not added twice:
+        ``store.init_created`` is then False and ``store.init_result`` the existing base.
+        Giving it a second name is refused, since every command would then have to ask which base.
+        ``objects`` (a directory or URL) is the blob location to create, when not ``root/objects``.
+        """
         root = Path(root)
+        chosen = base_name
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
         ckpt = Checkpoint(base)
         tensors = []
@@ -174,8 +202,19 @@ class Store:
             root.mkdir(parents=True, exist_ok=True)
         store = cls(root, url, objects=objects, create=True, **kw)
         with store._lock():
-            store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
-                                    actor or default_actor())
+            same = next((b for b in store.registry.bases() if b.fingerprint == fingerprint), None)
+            if same is not None:
+                if chosen is not None and chosen != same.name:
+                    store.close()
+                    raise StoreError(
+                        f"{root} already holds this base model (same tensors) as {same.name!r}; a second name "
+                        f"for it would make every command ask for --base. Keep using {same.name!r} (no need to "
+                        "init again), or create a separate store with --store OTHER_DIR.")
+                store.init_result, store.init_created = same, False
+                return store
+            store.init_result = store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
+                                                        actor or default_actor())
+            store.init_created = True
         return store
 
     def close(self) -> None:
@@ -215,10 +254,13 @@ class Store:
     def register(self, path: str | Path, name: str, modality: str, task: str = "default", *,
                  llm_prefix: str | None = None, base: str | None = None, actor: str | None = None,
                  max_relative_change: float = MAX_RELATIVE_CHANGE,
-                 progress: Progress | None = None) -> RegisterResult:
-        """Record a fine-tuned checkpoint: its task vector, modality side and files.
+                 progress: Progress | None = None, update: bool = False, description: str = "",
+                 tags: dict | None = None) -> RegisterResult:
+        """Record a fine-tuned checkpoint (or a peft LoRA adapter): its task vector, modality side and files.
 
         The same checkpoint registered again is recognised (``created=False``).
+        ``update=True`` registers it as a new revision of entry ``name``: the old
+        revision leaves the next expansion but stays in the versions that hold it.
         A checkpoint whose LLM differs from the base by more than
         ``max_relative_change`` (||tau|| / ||theta_0|| over the weight matrices) is refused as probably
         fine-tuned from another base. A failure leaves the store as it was.
@@ -226,13 +268,16 @@ class Store:
         validate_name(name, "entry name")
         validate_name(modality, "modality")
         validate_name(task, "task")
+        tags = validate_tags(tags)
         actor = actor or default_actor()
         base_rec = self.registry.base(base)
         vbase = self._verified_base(base_rec)
-        ckpt = Checkpoint(path)
+        ckpt = open_checkpoint(path, fallback_base=base_rec.source_path)  # a directory or a peft LoRA adapter
         keymap = map_checkpoint(vbase.llm_shapes(), ckpt, llm_prefix)
         with self._lock(), self.blobs.batch() as batch:
-            refs, parts, stats = self._ingest(ckpt, keymap, vbase, batch, progress)
+            current = self.registry.version(base_rec.id)
+            densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
+            refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, batch, progress, densities)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
@@ -244,7 +289,8 @@ class Store:
                     f"the limit is {max_relative_change}). It was probably fine-tuned from another base; register "
                     "it in a store of that base, or raise max_relative_change (--max-change) if this is intended.")
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
-                                            fingerprint, keymap.to_json(), stats, refs, actor)
+                                            fingerprint, keymap.to_json(), stats, refs, actor, trims, update=update,
+                                            description=description, tags=tags)
         return RegisterResult(entry, True, keymap.describe())
 
     def _put(self, batch: Batch, role: str, key: str, t: torch.Tensor) -> BlobRef:
@@ -252,9 +298,10 @@ class Store:
         return BlobRef(role, key, batch.put(blob), len(blob), t.numel() * t.element_size())
 
     def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, batch: Batch,
-                progress: Progress | None) -> tuple[list[BlobRef], list, dict]:
+                progress: Progress | None, densities: Sequence[float] = ()) -> tuple[list[BlobRef], list, dict, list]:
         refs: list[BlobRef] = []
         parts = []
+        trims: list[Trim] = []
         sq_tau = sq_base = 0.0
         llm_params = own_params = ckpt_bytes = 0
         own_keys = set(keymap.own_keys())
@@ -266,7 +313,13 @@ class Store:
             base_key = keymap.llm.get(key)
             if base_key is not None:
                 b = vbase.get(base_key).to(self.device)
-                tau = task_vector(b, keymap.llm_part(key, t))
+                if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
+                    tau = ckpt.task_vector(key, b)
+                else:
+                    tau = task_vector(b, keymap.llm_part(key, t))
+                for density in densities:  # so that expand need not select them
+                    found = trim_threshold(tau, density)
+                    trims.append(Trim(0, density, base_key, found.bits, found.ties))
                 if tau.dim() >= 2:  # matrices: norm scales (often all ones) would mask a foreign base
                     sq_tau += float(tau.square().sum())
                     sq_base += float(b.float().square().sum())
@@ -283,32 +336,46 @@ class Store:
             refs.append(BlobRef("aux", f.name, batch.put(data), len(data), len(data)))
         stats = {"relative_change": math.sqrt(sq_tau / sq_base) if sq_base else 0.0, "llm_params": llm_params,
                  "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized}
-        return refs, parts, stats
+        return refs, parts, stats, trims
 
     # ---- expand / remove -----------------------------------------------------------------
     def expand(self, params: MergeParams | None = None, *, base: str | None = None, actor: str | None = None,
-               progress: Progress | None = None, runner: GroupRunner | None = None) -> ExpandResult:
-        """Merge every active entry into a new version and move ``current`` to it.
+               progress: Progress | None = None, members: Sequence[str] | None = None, recipe: str | None = None,
+               description: str = "", tags: dict | None = None, runner: GroupRunner | None = None) -> ExpandResult:
+        """Merge every active entry (or the named ``members``) into a new version and move ``current`` to it.
 
         With ``ties`` and unchanged merge parameters, the merge folds only the
         entries new since the current version into its stored accumulators;
         every mask is recomputed. Parameters default to the current version's.
+        ``recipe`` (YAML text, see :mod:`mmer_cl.recipe`), ``description`` and ``tags`` are stored with it.
         ``runner`` runs the tensor groups elsewhere (e.g.
         :class:`mmer_cl.distributed.ray_expand.RayRunner`); the version is
         committed here once every group has succeeded.
         """
         base_rec = self.registry.base(base)
+        tags = validate_tags(tags)
         with self._lock():
             previous = self.registry.version(base_rec.id)
             params = params or (MergeParams.from_dict(previous.params) if previous else MergeParams())
             entries = self.registry.entries(base_rec.id)
             if not entries:
                 raise StoreError("nothing to expand: no entries are registered; run `mmer register` first")
+            if members is not None:
+                by_name = {e.name: e for e in entries}
+                unknown = [m for m in members if m not in by_name]
+                if unknown or not members:
+                    raise StoreError(f"members {unknown or '[]'} are not active entries; active: "
+                                     f"{', '.join(by_name)}")
+                entries = [e for e in entries if e.name in set(members)]
+            unknown = sorted(set(params.lam_per_entry) - {e.name for e in entries})
+            if unknown:
+                raise StoreError(f"per-entry lambda given for {', '.join(unknown)}, not among the members "
+                                 f"({', '.join(e.name for e in entries)}); fix the names")
             if previous and [m.entry_id for m in previous.members] == [e.id for e in entries] \
-                    and MergeParams.from_dict(previous.params) == params:
+                    and MergeParams.from_dict(previous.params) == params and not (recipe or description or tags):
                 return ExpandResult(previous, False, False)
             return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress,
-                                     runner=runner)
+                                     recipe=recipe, description=description, tags=tags, runner=runner)
 
     def remove(self, name: str, *, base: str | None = None, actor: str | None = None,
                progress: Progress | None = None, runner: GroupRunner | None = None) -> VersionRecord | None:
@@ -330,18 +397,18 @@ class Store:
 
     def _new_version(self, base_rec: BaseRecord, entries: list[EntryRecord], params: MergeParams,
                      previous: VersionRecord | None, actor: str, progress: Progress | None,
-                     remove: str | None = None, runner: GroupRunner | None = None) -> ExpandResult:
+                     remove: str | None = None, runner: GroupRunner | None = None, **annotations) -> ExpandResult:
         """Plan, run every tensor group (here, or through ``runner``), and commit
         (see :mod:`mmer_cl.expansion_plan`)."""
         started = time.perf_counter()
         plan = plan_expansion(self.registry, base_rec.id, entries, params, previous)
         if runner is not None:  # a failure leaves only unreferenced blobs, which gc removes
             results = runner(self.blobs, plan, progress=progress)
-            version = commit_expansion(self.registry, plan, results, actor, started, remove)
+            version = commit_expansion(self.registry, plan, results, actor, started, remove, **annotations)
             return ExpandResult(version, True, plan.incremental)
         with self.blobs.batch() as batch:
             results = run_plan(self.reader, batch.put, plan, self.device, progress)
-            version = commit_expansion(self.registry, plan, results, actor, started, remove)
+            version = commit_expansion(self.registry, plan, results, actor, started, remove, **annotations)
         return ExpandResult(version, True, plan.incremental)
 
     # ---- versions ------------------------------------------------------------------------
@@ -357,11 +424,66 @@ class Store:
             raise StoreError("no current version: run `mmer expand` after registering entries")
         return v
 
-    def rollback(self, number: int, *, base: str | None = None, actor: str | None = None) -> tuple[str, str]:
-        """Point ``current`` at an earlier (or later) version; nothing is deleted."""
+    def rollback(self, version: int | str, *, base: str | None = None, actor: str | None = None) -> tuple[str, str]:
+        """Point ``current`` at an earlier (or later) version (``3``, ``"v3"`` or an alias); nothing is deleted."""
         base_rec = self.registry.base(base)
         with self._lock():
-            return self.registry.set_alias(base_rec.id, CURRENT, int(number), actor or default_actor())
+            return self.registry.set_alias(base_rec.id, CURRENT, version, actor or default_actor())
+
+    # ---- aliases, tags, descriptions (MLflow-style registry conventions) -------------------
+    def set_alias(self, name: str, version: int | str, *, base: str | None = None,
+                  actor: str | None = None) -> tuple[str, str]:
+        """Point alias ``name`` (e.g. ``production``) at a version; ``current`` moves like :meth:`rollback`."""
+        validate_alias(name)
+        base_rec = self.registry.base(base)
+        with self._lock():
+            return self.registry.set_alias(base_rec.id, name, version, actor or default_actor())
+
+    def remove_alias(self, name: str, *, base: str | None = None, actor: str | None = None) -> str:
+        """Delete alias ``name`` (not ``current``); versions are untouched. Returns what it pointed at."""
+        base_rec = self.registry.base(base)
+        with self._lock():
+            return self.registry.remove_alias(base_rec.id, name, actor or default_actor())
+
+    def aliases(self, base: str | None = None) -> dict[str, int | None]:
+        return self.registry.aliases(self.registry.base(base).id)
+
+    def _target(self, entry: str | None, version: int | str | None, base: str | None) -> tuple[str, int, str]:
+        if entry is not None and version is not None:
+            raise StoreError("name either an entry or a version, not both")
+        base_rec = self.registry.base(base)
+        if entry is not None:
+            e = self.registry.entry(base_rec.id, entry)
+            return ENTRY, e.id, f"entry {e.name}"
+        v = self.version(version, base)
+        return VERSION, v.id, f"version {v.number}"
+
+    def tag(self, tags: dict | None = None, *, remove: Sequence[str] = (), entry: str | None = None,
+            version: int | str | None = None, base: str | None = None, actor: str | None = None) -> dict:
+        """Set (and ``remove``) key=value tags on an entry or a version (default: current); returns them all."""
+        kind, target_id, label = self._target(entry, version, base)
+        with self._lock():
+            return self.registry.set_tags(kind, target_id, label, validate_tags(tags), list(remove),
+                                          actor or default_actor())
+
+    def describe(self, text: str, *, entry: str | None = None, version: int | str | None = None,
+                 base: str | None = None, actor: str | None = None) -> None:
+        """Set the description of an entry or a version (default: current)."""
+        kind, target_id, label = self._target(entry, version, base)
+        with self._lock():
+            self.registry.set_description(kind, target_id, label, text, actor or default_actor())
+
+    def show(self, version: int | str | None = None, base: str | None = None) -> dict:
+        """One version in full: members, parameters, mask densities, sizes, recipe (see :mod:`mmer_cl.versions`)."""
+        from mmer_cl.versions import show_version
+
+        return show_version(self, self.version(version, base))
+
+    def diff(self, a: int | str, b: int | str, base: str | None = None) -> dict:
+        """What changed from version ``a`` to version ``b`` (see :mod:`mmer_cl.versions`)."""
+        from mmer_cl.versions import diff_versions
+
+        return diff_versions(self.show(a, base), self.show(b, base))
 
     def history(self, limit: int | None = None) -> list[EventRecord]:
         return self.registry.events(limit)
@@ -375,7 +497,7 @@ class Store:
         if member is None:
             raise StoreError(f"entry {name!r} is not in version {v.number} (members: "
                              f"{', '.join(m.entry_name for m in v.members)}); name another version or entry")
-        entry = self.registry.entry(base_rec.id, name)
+        entry = self.registry.entry_by_id(member.entry_id)  # the revision this version holds
         keymap = KeyMap.from_json(entry.keymap)
         vbase = self._verified_base(base_rec)
         masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
@@ -395,9 +517,10 @@ class Store:
         ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
         encoder instead: the plain-merge (NaiveMC-style) baseline.
         """
-        keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
-        return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                           **layout_of(keymap, max_shard_bytes))
+        keymap, tensors, aux, entry = self._sources(name, version, base, use_mask)
+        meta, card = self._provenance(version, base, entry, use_mask, aux)
+        return write_model(out_dir, tensors=tensors, aux_files={**aux, **card}, overwrite=overwrite,
+                           progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes))
 
     def export_text(self, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                     overwrite: bool = False, max_shard_bytes: int | None = None,
@@ -406,7 +529,22 @@ class Store:
         v = self.version(version, base)
         vbase = self._verified_base(self.registry.base(base))
         merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
-        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress)
+        meta, card = self._provenance(v.number, base, None, False, [p.name for p in vbase.checkpoint.aux_files()])
+        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress,
+                                metadata=meta, extra_files=card)
+
+    def _provenance(self, version: int | str | None, base: str | None, entry: EntryRecord | None, use_mask: bool,
+                    files) -> tuple[dict[str, str], dict[str, bytes]]:
+        """safetensors metadata and the model card (``README.md``, or ``MMER_CARD.md`` beside a shipped one)."""
+        from mmer_cl.provenance import card_name, export_metadata, model_card
+
+        v = self.version(version, base)
+        b = self.registry.base(base)
+        meta = export_metadata(version=v.number, params=v.params, base_name=b.name, base_fingerprint=b.fingerprint,
+                               entry=entry.label if entry else None, revision=entry.revision if entry else None,
+                               use_mask=use_mask, store_id=self.registry.meta_value("store_id"))
+        card = model_card(metadata=meta, version=v, base_model=b.name, entry=entry, recipe=v.recipe)
+        return meta, {card_name(files): card.encode()}
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
              model_class=None, device: str | torch.device | None = None, use_mask: bool = True):
@@ -427,7 +565,14 @@ class Store:
         if model_class is not None and getattr(model_class, "config_class", None) is not None:
             config = model_class.config_class(**config_dict)
         else:
-            config = transformers.AutoConfig.for_model(model_type, **config_dict)
+            try:
+                config = transformers.AutoConfig.for_model(model_type, **config_dict)
+            except (ValueError, KeyError) as exc:
+                raise StoreError(
+                    f"entry {name!r} is a {model_type!r} model, which transformers does not know; pass its class: "
+                    f"Store.load({name!r}, model_class=YourModel) (a PreTrainedModel subclass), or import the "
+                    "module that calls AutoConfig.register for it first. Or export() it and load it yourself."
+                ) from exc
         if model_class is None:
             archs = getattr(config, "architectures", None) or []
             if not archs or not hasattr(transformers, archs[0]):

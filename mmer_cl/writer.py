@@ -60,8 +60,9 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _header(specs: Sequence[TensorSpec]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
+def _header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors header; ``metadata`` (str -> str, e.g. provenance) joins ``{"format": "pt"}``."""
+    header: dict = {"__metadata__": {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}}
     offset = 0
     for spec in specs:
         header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
@@ -76,8 +77,11 @@ class ShardedWriter:
     """Writes the planned tensors, in plan order, straight into their shard files."""
 
     def __init__(self, directory: str | Path, specs: Sequence[TensorSpec],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, groups: Sequence[Sequence[str]] | None = None):
-        """``groups`` (names per shard) reproduces a known layout; otherwise shards are cut by size."""
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, groups: Sequence[Sequence[str]] | None = None,
+                 metadata: dict[str, str] | None = None):
+        """``groups`` (names per shard) reproduces a known layout; otherwise shards are cut by size.
+        ``metadata`` goes into every shard's ``__metadata__``."""
+        self.metadata = metadata
         if not specs:
             raise MmerError("nothing to write: the checkpoint would contain no tensors")
         self.directory = Path(directory)
@@ -109,7 +113,7 @@ class ShardedWriter:
         if shard_i != self._open_shard:
             self._close_shard()
             self._fh = open(self.files[shard_i], "wb")
-            self._fh.write(_header(self.shards[shard_i]))
+            self._fh.write(_header(self.shards[shard_i], self.metadata))
             self._open_shard = shard_i
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._fh.write(memoryview(data.numpy()))

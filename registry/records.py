@@ -60,10 +60,20 @@ class EntryRecord:
     created_at: datetime
     created_by: str
     removed_at: datetime | None
+    revision: int = 1
+    lineage: str | None = None
+    superseded_by: int | None = None
+    description: str = ""
+    tags: dict = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         return self.removed_at is None
+
+    @property
+    def label(self) -> str:
+        """The name users type for this entry's lineage (a superseded revision's row is NAME@REVISION)."""
+        return self.lineage or self.name
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Member:
     position: int
     scale: float
     mask_density: float
+    revision: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class VersionRecord:
     created_by: str
     members: list[Member] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
+    description: str = ""
+    tags: dict = field(default_factory=dict)
+    recipe: str | None = None
 
     def member(self, name: str) -> Member | None:
         return next((m for m in self.members if m.entry_name == name), None)

@@ -8,6 +8,7 @@ transaction. Knows nothing of tensors: blobs are digests with sizes.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,11 +21,13 @@ from sqlalchemy.orm import Session
 from registry import postgres
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Trim,
                               VersionRecord)
+from registry.migrations import MigrationError, upgrade
 from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
-                             EntryBlobRow, EntryRow, EventRow, Meta, TrimRow, VersionBlobRow, VersionMemberRow,
-                             VersionRow, utcnow)
+                             EntryBlobRow, EntryRow, EventRow, Meta, TagRow, TrimRow, VersionBlobRow,
+                             VersionMemberRow, VersionRow, utcnow)
 
 CURRENT = "current"
+ENTRY, VERSION = "entry", "version"  # what a tag or description is on
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -48,6 +51,15 @@ def shown_url(url: str) -> str:
         return url.split("://", 1)[0] + "://..."
 
 
+def version_number(ref: int | str | None) -> int | None:
+    """``3`` or ``'3'`` or ``'v3'`` -> 3; an alias name (or None) -> None."""
+    if isinstance(ref, int):
+        return ref
+    if ref is not None and re.fullmatch(r"[vV]?\d+", str(ref).strip()):
+        return int(str(ref).strip().lstrip("vV"))
+    return None
+
+
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path)}"
 
@@ -66,6 +78,7 @@ class Registry:
         if dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
+            migrated = upgrade(self.engine)  # an older registry is brought to this schema first
             with self.engine.begin() as conn:
                 if dialect == "postgresql":
                     postgres.lock_schema(conn)
@@ -75,12 +88,16 @@ class Registry:
                         conn.execute(text(trigger))
                 elif dialect == "postgresql":
                     postgres.install_append_only(conn)
+        except MigrationError as exc:
+            self.engine.dispose()
+            raise RegistryError(str(exc)) from exc
         except OperationalError as exc:
             self.engine.dispose()
             raise RegistryError(f"cannot reach the registry at {shown_url(url)}: "
                                 f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}; "
                                 "check --db-url / MMER_DB_URL and that the server is up") from None
         self._check_schema()
+        self.migrated = migrated  # schema versions applied on opening (each logged as a `migrate` event)
 
     def meta_value(self, key: str) -> str | None:
         """A value of the registry's ``meta`` table (e.g. ``store_id``), None when unset."""
@@ -96,6 +113,12 @@ class Registry:
             elif int(row.value) > SCHEMA_VERSION:
                 raise RegistryError(f"this registry has schema version {row.value}, newer than this mmer-cl "
                                     f"understands ({SCHEMA_VERSION}); upgrade mmer-cl")
+
+    def meta_value(self, key: str) -> str | None:
+        """A value of the ``meta`` table (e.g. ``store_id`` where the store records one), or None."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            return row.value if row else None
 
     def schema_version(self) -> int:
         with Session(self.engine) as s:
@@ -162,33 +185,73 @@ class Registry:
 
     # ---- entries -------------------------------------------------------------------------
     @staticmethod
-    def _entry_record(row: EntryRow) -> EntryRecord:
+    def _tags(s: Session, kind: str, target_id: int) -> dict:
+        rows = s.scalars(select(TagRow).where(TagRow.kind == kind, TagRow.target_id == target_id)
+                         .order_by(TagRow.key))
+        return {r.key: r.value for r in rows}
+
+    def _entry_record(self, row: EntryRow, s: Session | None = None) -> EntryRecord:
+        tags = self._tags(s, ENTRY, row.id) if s is not None else {}
         return EntryRecord(row.id, row.name, row.modality, row.task, row.source_path, row.fingerprint, row.keymap,
-                           json.loads(row.stats), row.created_at, row.created_by, row.removed_at)
+                           json.loads(row.stats), row.created_at, row.created_by, row.removed_at,
+                           row.revision or 1, row.lineage, row.superseded_by, row.description or "", tags)
 
     def add_entry(self, base_id: int, name: str, modality: str, task: str, source_path: str, fingerprint: str,
-                  keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str) -> EntryRecord:
+                  keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str, trims: Sequence[Trim] = (), *,
+                  update: bool = False, description: str = "", tags: dict | None = None) -> EntryRecord:
+        """Add an entry; with ``update``, a new revision of entry ``name`` that supersedes the current one.
+
+        The superseded revision keeps its row, blobs and versions (renamed ``NAME@REVISION``), so
+        every version that holds it still exports it; it leaves the set that ``expand`` merges.
+        ``trims`` are the trims computed on the way (their entry id is filled in).
+        """
         with self._tx() as s:
-            if s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name)):
+            old = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name))
+            if old is not None and not update:
                 raise RegistryError(f"an entry named {name!r} already exists (names stay taken after removal, "
-                                    "so history stays readable); choose another name")
+                                    "so history stays readable); choose another name, or pass update=True "
+                                    "(--update) to register a new revision of it")
+            revision = 1
+            if old is not None:
+                revision = (old.revision or 1) + 1
+                suffix = f"@{old.revision or 1}"
+                old.name = name[:64 - len(suffix)] + suffix
+                old.lineage = name
+                old.removed_at = old.removed_at or utcnow()
+                s.flush()
             row = EntryRow(base_id=base_id, name=name, modality=modality, task=task, source_path=source_path,
                            fingerprint=fingerprint, keymap=keymap, stats=json.dumps(stats), created_by=actor,
-                           created_at=utcnow())
+                           created_at=utcnow(), lineage=name, revision=revision, description=description or "")
             s.add(row)
             s.flush()
+            if old is not None:
+                old.superseded_by = row.id
             s.add_all(EntryBlobRow(entry_id=row.id, role=b.role, key=b.key, digest=b.digest,
                                    stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
-            self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
-                        {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs)})
-            return self._entry_record(row)
+            self._add_trims(s, [Trim(row.id, t.density, t.key, t.bits, t.ties) for t in trims])
+            s.add_all(TagRow(kind=ENTRY, target_id=row.id, key=k, value=str(v)) for k, v in (tags or {}).items())
+            if old is None:
+                self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
+                            {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs)})
+            else:
+                self._event(s, actor, "update", f"entry {name}", f"r{revision - 1}", f"r{revision}",
+                            {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs),
+                             "superseded_row": old.name})
+            return self._entry_record(row, s)
+
+    def entry_by_id(self, entry_id: int) -> EntryRecord:
+        with Session(self.engine) as s:
+            row = s.get(EntryRow, entry_id)
+            if row is None:
+                raise RegistryError(f"no entry with id {entry_id}; run `mmer audit`")
+            return self._entry_record(row, s)
 
     def entries(self, base_id: int, include_removed: bool = False) -> list[EntryRecord]:
         with Session(self.engine) as s:
             q = select(EntryRow).where(EntryRow.base_id == base_id).order_by(EntryRow.id)
             if not include_removed:
                 q = q.where(EntryRow.removed_at.is_(None))
-            return [self._entry_record(r) for r in s.scalars(q)]
+            return [self._entry_record(r, s) for r in s.scalars(q)]
 
     def entry(self, base_id: int, name: str) -> EntryRecord:
         with Session(self.engine) as s:
@@ -196,13 +259,13 @@ class Registry:
             if row is None:
                 names = [r.name for r in s.scalars(select(EntryRow).where(EntryRow.base_id == base_id))]
                 raise RegistryError(f"no entry named {name!r}; registered: {', '.join(names) or 'none'}")
-            return self._entry_record(row)
+            return self._entry_record(row, s)
 
     def entry_by_fingerprint(self, base_id: int, fingerprint: str) -> EntryRecord | None:
         with Session(self.engine) as s:
             row = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.fingerprint == fingerprint,
                                                   EntryRow.removed_at.is_(None)))
-            return self._entry_record(row) if row else None
+            return self._entry_record(row, s) if row else None
 
     def _blob_refs(self, table, owner_column, owner_id: int, role: str | None) -> list[BlobRef]:
         with Session(self.engine) as s:
@@ -216,13 +279,14 @@ class Registry:
 
     # ---- versions ------------------------------------------------------------------------
     def add_version(self, base_id: int, params: dict, details: dict, members: Sequence[Member],
-                    blobs: Sequence[BlobRef], actor: str, remove_entry: str | None = None,
-                    trims: Sequence[Trim] = ()) -> VersionRecord:
+                    blobs: Sequence[BlobRef], actor: str, remove_entry: str | None = None, *,
+                    trims: Sequence[Trim] = (), recipe: str | None = None, description: str = "",
+                    tags: dict | None = None) -> VersionRecord:
         """Write a new version, move ``current`` to it, and log it, in one transaction.
 
-        ``remove_entry`` marks that entry removed in the same transaction;
-        ``trims`` are cached trim thresholds computed on the way (ones already
-        recorded are skipped).
+        ``remove_entry`` marks that entry removed in the same transaction; ``trims`` are cached trim
+        thresholds computed on the way (ones already recorded are skipped); ``recipe`` (the YAML text it
+        was expanded from), ``description`` and ``tags`` are stored with it.
         """
         with self._tx() as s:
             self._add_trims(s, trims)
@@ -232,9 +296,10 @@ class Registry:
             if remove_entry is not None:
                 self._mark_removed(s, base_id, remove_entry, actor)
             row = VersionRow(base_id=base_id, number=number, params=json.dumps(params), details=json.dumps(details),
-                             created_by=actor, created_at=utcnow())
+                             created_by=actor, created_at=utcnow(), recipe=recipe, description=description or "")
             s.add(row)
             s.flush()
+            s.add_all(TagRow(kind=VERSION, target_id=row.id, key=k, value=str(v)) for k, v in (tags or {}).items())
             s.add_all(VersionMemberRow(version_id=row.id, entry_id=m.entry_id, position=m.position, scale=m.scale,
                                        mask_density=m.mask_density) for m in members)
             s.add_all(VersionBlobRow(version_id=row.id, role=b.role, entry_id=b.entry_id, key=b.key, digest=b.digest,
@@ -242,7 +307,7 @@ class Registry:
             alias.version_id = row.id
             self._event(s, actor, "expand", f"version {number}", before, f"v{number}",
                         {"members": [m.entry_name for m in members], **details})
-            return VersionRecord(row.id, number, params, details, row.created_at, actor, list(members), [CURRENT])
+            return self._version_record(s, row)
 
     def remove_entry_without_version(self, base_id: int, name: str, actor: str) -> None:
         """Mark the last entry removed; ``current`` then points at no version."""
@@ -279,10 +344,14 @@ class Registry:
         members = []
         for m in s.scalars(select(VersionMemberRow).where(VersionMemberRow.version_id == row.id)
                            .order_by(VersionMemberRow.position)):
-            members.append(Member(m.entry_id, s.get(EntryRow, m.entry_id).name, m.position, m.scale, m.mask_density))
-        aliases = list(s.scalars(select(AliasRow.name).where(AliasRow.version_id == row.id)))
+            e = s.get(EntryRow, m.entry_id)
+            members.append(Member(m.entry_id, e.lineage or e.name, m.position, m.scale, m.mask_density,
+                                  e.revision or 1))
+        aliases = sorted(s.scalars(select(AliasRow.name).where(AliasRow.version_id == row.id)),
+                         key=lambda a: (a != CURRENT, a))
         return VersionRecord(row.id, row.number, json.loads(row.params), json.loads(row.details), row.created_at,
-                             row.created_by, members, aliases)
+                             row.created_by, members, aliases, row.description or "", self._tags(s, VERSION, row.id),
+                             row.recipe)
 
     def versions(self, base_id: int) -> list[VersionRecord]:
         with Session(self.engine) as s:
@@ -292,13 +361,14 @@ class Registry:
     def version(self, base_id: int, ref: int | str | None = None) -> VersionRecord | None:
         """A version by number, by alias name, or (``None``) the one ``current`` points at."""
         with Session(self.engine) as s:
-            if ref is None or isinstance(ref, str) and not ref.lstrip("v").isdigit():
-                alias_name = ref or CURRENT
+            number = version_number(ref)
+            if number is None:
+                alias_name = str(ref) if ref is not None else CURRENT
                 alias = s.scalar(select(AliasRow).where(AliasRow.base_id == base_id, AliasRow.name == alias_name))
                 if alias is None:
-                    raise RegistryError(f"no alias named {alias_name!r}")
+                    raise RegistryError(f"no version or alias {alias_name!r}: name a version as 3 or v3, or one of "
+                                        f"the aliases {', '.join(self._alias_names(s, base_id))}")
                 return self._version_record(s, s.get(VersionRow, alias.version_id)) if alias.version_id else None
-            number = int(str(ref).lstrip("v"))
             row = s.scalar(select(VersionRow).where(VersionRow.base_id == base_id, VersionRow.number == number))
             if row is None:
                 existing = list(s.scalars(select(VersionRow.number).where(VersionRow.base_id == base_id)))
@@ -326,18 +396,71 @@ class Registry:
     def version_blobs(self, version_id: int, role: str | None = None) -> list[BlobRef]:
         return self._blob_refs(VersionBlobRow, VersionBlobRow.version_id, version_id, role)
 
-    def set_alias(self, base_id: int, name: str, number: int, actor: str) -> tuple[str, str]:
-        """Point alias ``name`` at version ``number`` (a rollback when ``name`` is current)."""
+    def set_alias(self, base_id: int, name: str, number: int | str, actor: str) -> tuple[str, str]:
+        """Point alias ``name`` at a version (``3``, ``v3`` or another alias); a rollback when ``name`` is current."""
+        target = self.version(base_id, number)
+        if target is None:
+            raise RegistryError(f"alias {number!r} points at no version yet")
         with self._tx() as s:
-            row = s.scalar(select(VersionRow).where(VersionRow.base_id == base_id, VersionRow.number == number))
-            if row is None:
-                existing = list(s.scalars(select(VersionRow.number).where(VersionRow.base_id == base_id)))
-                raise RegistryError(f"no version {number}; versions: {existing or 'none'}")
             alias = self._alias_row(s, base_id, name)
             before = self._alias_label(s, alias)
-            alias.version_id = row.id
-            self._event(s, actor, "rollback" if name == CURRENT else "alias", name, before, f"v{number}", {})
-            return before, f"v{number}"
+            alias.version_id = target.id
+            self._event(s, actor, "rollback" if name == CURRENT else "alias", name, before, f"v{target.number}", {})
+            return before, f"v{target.number}"
+
+    def remove_alias(self, base_id: int, name: str, actor: str) -> str:
+        """Delete alias ``name`` (never ``current``); returns what it pointed at."""
+        if name == CURRENT:
+            raise RegistryError("`current` cannot be removed: it is what every command uses by default; "
+                                "move it with `mmer rollback VERSION` instead")
+        with self._tx() as s:
+            alias = s.scalar(select(AliasRow).where(AliasRow.base_id == base_id, AliasRow.name == name))
+            if alias is None:
+                raise RegistryError(f"no alias named {name!r}; aliases: {', '.join(self._alias_names(s, base_id))}")
+            before = self._alias_label(s, alias)
+            s.delete(alias)
+            self._event(s, actor, "alias", name, before, "none", {"removed": True})
+            return before
+
+    @staticmethod
+    def _alias_names(s: Session, base_id: int) -> list[str]:
+        return list(s.scalars(select(AliasRow.name).where(AliasRow.base_id == base_id).order_by(AliasRow.name)))
+
+    def aliases(self, base_id: int) -> dict[str, int | None]:
+        """Alias name -> version number (None when it points at no version)."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(AliasRow).where(AliasRow.base_id == base_id).order_by(AliasRow.name))
+            return {a.name: (s.get(VersionRow, a.version_id).number if a.version_id else None) for a in rows}
+
+    # ---- tags and descriptions -----------------------------------------------------------
+    def set_tags(self, kind: str, target_id: int, label: str, tags: dict, remove: Sequence[str],
+                 actor: str) -> dict:
+        """Set and delete tags on a version or entry row (``kind`` ENTRY or VERSION); logged."""
+        with self._tx() as s:
+            before = self._tags(s, kind, target_id)
+            for key in remove:
+                if key not in before:
+                    raise RegistryError(f"{label} has no tag {key!r}; its tags: {', '.join(before) or 'none'}")
+                s.execute(TagRow.__table__.delete().where(TagRow.kind == kind, TagRow.target_id == target_id,
+                                                          TagRow.key == key))
+            for key, value in tags.items():
+                row = s.scalar(select(TagRow).where(TagRow.kind == kind, TagRow.target_id == target_id,
+                                                    TagRow.key == key))
+                if row is None:
+                    s.add(TagRow(kind=kind, target_id=target_id, key=key, value=str(value)))
+                else:
+                    row.value = str(value)
+            s.flush()
+            after = self._tags(s, kind, target_id)
+            self._event(s, actor, "tag", label, json.dumps(before, sort_keys=True), json.dumps(after, sort_keys=True))
+            return after
+
+    def set_description(self, kind: str, target_id: int, label: str, text_: str, actor: str) -> None:
+        with self._tx() as s:
+            row = s.get(EntryRow if kind == ENTRY else VersionRow, target_id)
+            before = row.description or ""
+            row.description = text_
+            self._event(s, actor, "describe", label, before, text_)
 
     # ---- audit ---------------------------------------------------------------------------
     def record(self, actor: str, action: str, subject: str, before: str = "", after: str = "",

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # see registry/migrations.py for how older registries are brought up to it
 
 
 def utcnow() -> datetime:
@@ -66,6 +66,12 @@ class EntryRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # schema 2: entry revisions (`register --update`) and descriptions. A superseded revision keeps its
+    # row (renamed NAME@REVISION, so the name stays unique) and its lineage, the name users type.
+    lineage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    superseded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class BlobColumns:
@@ -98,6 +104,9 @@ class VersionRow(Base):
     details: Mapped[str] = mapped_column(Text)  # JSON
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
+    # schema 2: a description and the recipe (YAML text) the version was expanded from.
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class VersionMemberRow(Base):
@@ -143,6 +152,18 @@ class AliasRow(Base):
     base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
     name: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True)
+
+
+class TagRow(Base):
+    """schema 2: a key=value tag on a version or an entry (``kind`` says which; ``target_id`` is its row id)."""
+
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("kind", "target_id", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    target_id: Mapped[int] = mapped_column(Integer, index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(Text)
 
 
 class EventRow(Base):

@@ -186,7 +186,7 @@ def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
     if codec == "sparse":
         nonzero = unbits(parts[0], numel)
         out = torch.zeros(numel, dtype=dtype)
-        out[nonzero] = unplanes(parts[1], dtype, [int(nonzero.sum())])
+        out[nonzero] = unplanes(parts[1], dtype, [int(torch.count_nonzero(nonzero))])
         return out.reshape(shape)
     raise CodecError(f"codec {codec!r} needs other blobs to decode; read it through a TensorReader")
 

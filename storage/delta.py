@@ -22,13 +22,14 @@ These functions are pure: parents and supports arrive as tensors, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from storage.codecs import (bits_payload, dtype_name, numel_of, pack, pack_bits, planes_payload, unbits,
-                            unplanes, unzstd, zstd)
+from storage.codecs import (bits_payload, dtype_name, numel_of, pack, planes_payload, unbits, unplanes,
+                            unzstd, zstd)
 
 MAX_DEPTH = 8
 MAX_SUPPORT_FRACTION = 0.6
@@ -47,7 +48,7 @@ def encode_delta(new: torch.Tensor, parent: torch.Tensor, parent_digest: str,
         return None
     flat = new.detach().to("cpu").reshape(-1)
     support = ~same_bits(flat, parent.detach().to("cpu").reshape(-1))
-    if int(support.sum()) > MAX_SUPPORT_FRACTION * flat.numel():
+    if int(torch.count_nonzero(support)) > MAX_SUPPORT_FRACTION * flat.numel():
         return None
     header = {"codec": "delta", "dtype": dtype_name(new.dtype), "shape": list(new.shape), "parent": parent_digest,
               "depth": parent_depth + 1}
@@ -61,8 +62,68 @@ def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
 def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) -> torch.Tensor:
     support = decode_support(header, parts)
     out = parent.detach().to("cpu").reshape(-1).clone()
-    out[support] = unplanes(parts[1], out.dtype, [int(support.sum())])
+    out[support] = delta_values(header, parts, support)
     return out.reshape(header["shape"])
+
+
+def _np_bool(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").reshape(-1).numpy().astype(np.bool_, copy=False)
+
+
+def _select_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarray]:
+    """``[m[where] for m in masks]`` with one selection pass per 8 masks (bits of a uint8 each)."""
+    out = []
+    for start in range(0, len(masks), 8):
+        chunk = masks[start:start + 8]
+        comb = chunk[0].view(np.uint8).copy()
+        for j, m in enumerate(chunk[1:], start=1):
+            comb |= m.view(np.uint8) << j
+        picked = comb[where]
+        out += [((picked >> j) & 1).view(np.bool_) for j in range(len(chunk))]
+    return out
+
+
+def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, torch.Tensor, int] | None],
+               support: tuple[str, torch.Tensor] | None = None,
+               context: tuple[str, torch.Tensor] | None = None) -> list[tuple[dict, np.ndarray]]:
+    """Members (entry, stored bits) for the masks of several entries on one tensor.
+
+    A mask is coded against its ``parent`` (pack digest, mask, depth) where
+    its change lies inside ``support`` (delta blob digest, its support map):
+    only the bits at support positions are kept. Otherwise it is stored
+    whole; with a ``context`` (blob digest, a bool map the decoder rebuilds,
+    such as where the merged vector is nonzero) its bits are ordered by the
+    context, so that a mask predictable on one side costs almost nothing
+    there. Selections are shared by all masks, since they cost more than
+    the rest.
+    """
+    flats = [_np_bool(m) for m in masks]
+    sup = _np_bool(support[1]) if support is not None else None
+    ctx = _np_bool(context[1]) if context is not None else None
+    members: list[dict | None] = [None] * len(masks)
+    deltas, wholes = [], []
+    for i, (mask, parent) in enumerate(zip(masks, parents)):
+        members[i] = {"key": key, "shape": list(mask.shape)}
+        if parent is not None and sup is not None and parent[2] < MAX_DEPTH and parent[1].numel() == sup.size:
+            changed = flats[i] != _np_bool(parent[1])
+            if not (changed & ~sup).any():
+                members[i].update(parent=parent[0], support=support[0], depth=parent[2] + 1)
+                deltas.append(i)
+                continue
+        wholes.append(i)
+    bits: list[np.ndarray | None] = [None] * len(masks)
+    for i, b in zip(deltas, _select_jointly([flats[i] for i in deltas], sup) if deltas else []):
+        bits[i] = b
+    if wholes and ctx is not None and ctx.size == flats[wholes[0]].size:
+        inside = _select_jointly([flats[i] for i in wholes], ctx)
+        outside = _select_jointly([flats[i] for i in wholes], ~ctx)
+        for i, a, b in zip(wholes, inside, outside):
+            members[i]["context"] = context[0]
+            bits[i] = np.concatenate([a, b])
+    else:
+        for i in wholes:
+            bits[i] = flats[i]
+    return [(m, b) for m, b in zip(members, bits)]
 
 
 @dataclass
@@ -72,21 +133,17 @@ class MaskPackBuilder:
     members: list[dict] = field(default_factory=list)
     chunks: list[np.ndarray] = field(default_factory=list)
 
+    def add_coded(self, member: dict, bits: np.ndarray) -> None:
+        """Add a member made by :func:`code_masks`."""
+        self.members.append(dict(member, nbits=int(bits.size)))
+        self.chunks.append(np.packbits(bits))
+
     def add(self, key: str, mask: torch.Tensor, parent: tuple[str, torch.Tensor, int] | None = None,
-            support: tuple[str, torch.Tensor] | None = None) -> None:
-        """Add ``mask``; coded against ``parent`` (pack digest, mask, depth) where the change lies in ``support``."""
-        flat = mask.detach().to("cpu").reshape(-1)
-        member = {"key": key, "shape": list(mask.shape)}
-        if parent is not None and support is not None and parent[2] < MAX_DEPTH:
-            parent_digest, old, depth = parent
-            sup_digest, sup = support
-            old = old.detach().to("cpu").reshape(-1)
-            if old.shape == flat.shape and not bool(((flat != old) & ~sup).any()):
-                member.update(parent=parent_digest, support=sup_digest, depth=depth + 1)
-                flat = flat[sup]
-        member["nbits"] = int(flat.numel())
-        self.members.append(member)
-        self.chunks.append(pack_bits(flat))
+            support: tuple[str, torch.Tensor] | None = None, context: tuple[str, torch.Tensor] | None = None,
+            ) -> None:
+        """Add one mask, coded as :func:`code_masks` says."""
+        [(member, bits)] = code_masks(key, [mask], [parent], support, context)
+        self.add_coded(member, bits)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -96,18 +153,30 @@ class MaskPackBuilder:
         return sum(m["nbits"] for m in self.members)
 
     def finish(self) -> bytes:
+        """The blob: part 0 the members (JSON, zstd), part 1 every member's bits in one zstd stream."""
         payload = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.uint8)
-        return pack({"codec": "maskpack", "members": self.members}, zstd(payload.data))
+        members = json.dumps(self.members, separators=(",", ":")).encode()
+        return pack({"codec": "maskpack", "count": len(self.members)}, zstd(members), zstd(payload.data))
 
 
-def mask_members(header: dict) -> dict[str, dict]:
-    return {m["key"]: m for m in header["members"]}
+def pack_members(parts: list[memoryview]) -> list[dict]:
+    """The member list of a ``maskpack`` blob (key, shape, nbits and, where coded, parent/support/context)."""
+    return json.loads(unzstd(parts[0]))
 
 
-def member_bits(header: dict, payload: bytes, key: str) -> tuple[dict, torch.Tensor]:
-    """One member's header and its stored bits, from a decompressed ``maskpack`` payload."""
+def linked_digests(header: dict, parts: list[memoryview]) -> set[str]:
+    """Blobs that decoding this one reads: parents, supports and contexts."""
+    out = {header["parent"]} if "parent" in header else set()
+    if header.get("codec") == "maskpack":
+        for m in pack_members(parts):
+            out |= {m[f] for f in ("parent", "support", "context") if f in m}
+    return out
+
+
+def member_bits(members: list[dict], payload: bytes, key: str) -> tuple[dict, torch.Tensor]:
+    """One member's entry and its stored bits, from a decompressed ``maskpack`` payload."""
     offset = 0
-    for m in header["members"]:
+    for m in members:
         nbytes = (m["nbits"] + 7) // 8
         if m["key"] == key:
             raw = np.frombuffer(payload, dtype=np.uint8, count=nbytes, offset=offset)
@@ -117,7 +186,7 @@ def member_bits(header: dict, payload: bytes, key: str) -> tuple[dict, torch.Ten
 
 
 def decompress_pack(parts: list[memoryview]) -> bytes:
-    return unzstd(parts[0])
+    return unzstd(parts[1])
 
 
 def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
@@ -126,7 +195,20 @@ def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tens
     return out.reshape(shape)
 
 
-def full_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None = None) -> torch.Tensor:
     if bits.numel() != numel_of(shape):
         raise ValueError("mask member size does not match its shape")
-    return bits.reshape(shape)
+    if context is None:
+        return bits.reshape(shape)
+    out = torch.empty_like(bits)
+    inside = int(torch.count_nonzero(context))
+    out[context] = bits[:inside]
+    out[~context] = bits[inside:]
+    return out.reshape(shape)
+
+
+def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -> torch.Tensor:
+    """The new values a ``delta`` blob holds, in support order."""
+    from storage.codecs import dtype_of
+
+    return unplanes(parts[1], dtype_of(header["dtype"]), [int(torch.count_nonzero(support))])

@@ -17,8 +17,9 @@ import torch
 
 from storage.blobstore import BlobStore
 from storage.codecs import CodecError, decode_parts, unpack
-from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, full_mask,
-                           member_bits)
+from storage.codecs import unbits
+from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, delta_values,
+                           full_mask, linked_digests, member_bits, pack_members)
 
 DEFAULT_CACHE_BYTES = 256 * 1024**2
 
@@ -70,11 +71,26 @@ class TensorReader:
             return self._mask(digest, header, parts, key)
         return decode_parts(header, parts)
 
+    def members(self, digest: str) -> list[dict]:
+        """The members of a ``maskpack`` blob."""
+        cached = self._cache.get(("members", digest))
+        if cached is None:
+            header, parts = unpack(self.blobs.get(digest))
+            if header["codec"] != "maskpack":
+                raise CodecError(f"blob {digest} is not a mask pack")
+            cached = pack_members(parts)
+            self._cache.put(("members", digest), cached, 200 * len(cached))
+        return cached
+
+    def links(self, digest: str) -> set[str]:
+        """The blobs that reading this one also reads (parents, supports, contexts)."""
+        return linked_digests(*unpack(self.blobs.get(digest)))
+
     def depth(self, digest: str, key: str | None = None) -> int:
         """How many parents a read of this blob (member) walks."""
         header = self.header(digest)
         if header["codec"] == "maskpack" and key is not None:
-            member = next((m for m in header["members"] if m["key"] == key), {})
+            member = next((m for m in self.members(digest) if m["key"] == key), {})
             return int(member.get("depth", 0))
         return int(header.get("depth", 0))
 
@@ -90,13 +106,31 @@ class TensorReader:
         self._cache.put(("support", digest), sup, sup.numel())
         return sup
 
+    def nonzero(self, digest: str) -> torch.Tensor:
+        """Where the float tensor in blob ``digest`` is nonzero (flat bool), decoding as little as it can."""
+        cached = self._cache.get(("nonzero", digest))
+        if cached is not None:
+            return cached
+        header, parts = unpack(self.blobs.get(digest))
+        if header["codec"] == "sparse":
+            nz = unbits(parts[0], int(torch.Size(header["shape"]).numel()))
+        elif header["codec"] == "delta":
+            support = decode_support(header, parts)
+            nz = self.nonzero(header["parent"]).clone()
+            nz[support] = delta_values(header, parts, support) != 0
+        else:
+            nz = (self.tensor(digest) != 0).reshape(-1)
+        self._cache.put(("nonzero", digest), nz, nz.numel())
+        return nz
+
     def _mask(self, digest: str, header: dict, parts, key: str) -> torch.Tensor:
         payload = self._cache.get(("pack", digest))
         if payload is None:
             payload = decompress_pack(parts)
             self._cache.put(("pack", digest), payload, len(payload))
-        member, bits = member_bits(header, payload, key)
+        member, bits = member_bits(self.members(digest), payload, key)
         if "parent" not in member:
-            return full_mask(bits, member["shape"])
+            context = self.nonzero(member["context"]) if "context" in member else None
+            return full_mask(bits, member["shape"], context)
         old = self.tensor(member["parent"], key)
         return apply_mask_change(old, self.support(member["support"]), bits, member["shape"])

@@ -33,7 +33,7 @@ def test_full_lifecycle(mmer, family, tmp_path):
 
     versions = json.loads(mmer("versions", "--json"))
     assert [v["number"] for v in versions] == [1, 2]
-    assert versions[1]["details"]["trimmed"] == ["video"]
+    assert versions[1]["details"]["coded_against"] == "v1"
     assert versions[1]["aliases"] == ["current"]
 
     assert "v2 -> v1" in mmer("rollback", "1")
@@ -97,7 +97,83 @@ def test_remove_and_gc(mmer, family):
 
 
 @pytest.mark.parametrize("command", ["init", "register", "expand", "versions", "rollback", "remove", "export",
-                                     "report", "audit", "gc", "history", "entries"])
+                                     "report", "audit", "gc", "history", "entries", "alias", "tag", "describe",
+                                     "show", "diff"])
 def test_every_command_has_help_with_an_example(command):
     out = CliRunner().invoke(cli, [command, "--help"]).output
     assert "Example" in out and "mmer " in out
+
+
+def test_global_options_before_or_after_the_subcommand(family, tmp_path):
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+    r = runner.invoke(cli, ["init", "--base", str(family / "base"), "--store", store, "-q", "--actor", "ana"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["register", str(family / "vision"), "--name", "vision", "--modality", "vision",
+                            f"--store={store}", "-q", "--actor", "ana"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["--store", store, "entries", "--json"])
+    assert json.loads(r.output)[0]["name"] == "vision"
+    r = runner.invoke(cli, ["--json", "--store", store, "entries"])
+    assert json.loads(r.output)[0]["created_by"] == "ana"
+
+
+def test_init_twice_with_another_name_is_refused_and_the_same_init_is_recognised(mmer, family):
+    mmer("init", "--base", family / "base")
+    assert "already holds this base" in mmer("init", "--base", family / "base")
+    out = mmer("init", "--base", family / "base", "--name", "llama", code=2)
+    assert "already holds this base model" in out and "--store" in out
+    mmer("register", family / "vision", "--name", "vision", "--modality", "vision")  # no --base needed
+
+
+def test_registry_conventions_from_the_command_line(mmer, family, tmp_path):
+    mmer("init", "--base", family / "base")
+    mmer("register", family / "vision", "--name", "vision", "--modality", "vision", "--tag", "owner=ana")
+    mmer("register", family / "audio", "--name", "audio", "--modality", "audio")
+    mmer("expand", "--density", "0.5", "--description", "first", "--tag", "stage=dev")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("density: 0.5\nlambda: 0.8\nlambda_per_entry: {audio: 0.6}\nmembers: [vision, audio]\n")
+    assert "version 2" in mmer("expand", "--config", recipe)
+    assert "current: v2 -> v1" in mmer("rollback", "v1")
+    assert "current: v1 -> v2" in mmer("rollback", "2")
+    assert "production: none -> v1" in mmer("alias", "set", "production", "v1")
+    assert "production" in mmer("alias") and "v1" in mmer("alias")
+    shown = mmer("show", "v2")
+    assert "lambda_per_entry: {audio: 0.6}" in shown and "vision" in shown and "mask" in shown
+    assert json.loads(mmer("show", "production", "--json"))["tags"] == {"stage": "dev"}
+    d = mmer("diff", "v1", "v2")
+    assert "lam 1.0 -> 0.8" in d and "members added: none" in d
+    assert "stage=prod" in mmer("tag", "--version", "production", "stage=prod")
+    mmer("describe", "--entry", "vision", "the digits one")
+    assert "registered 'vision' revision 2" in mmer("register", family / "video", "--name", "vision",
+                                                   "--modality", "vision", "--update")
+    listing = mmer("entries", "--all")
+    assert "vision@1" in listing and "(superseded)" in listing
+    assert "production: v1 -> none (removed)" in mmer("alias", "rm", "production")
+    assert "cannot be removed" in mmer("alias", "rm", "current", code=2)
+    assert "no version or alias 'nope'" in mmer("show", "nope", code=2)
+    actions = [e["action"] for e in json.loads(mmer("history", "--json"))]
+    assert actions.count("alias") == 2 and "tag" in actions and "describe" in actions and "update" in actions
+
+
+def test_listings_widen_columns_for_long_names(mmer, family):
+    mmer("init", "--base", family / "base")
+    long = "a-very-long-entry-name-that-would-run-into-the-next-column"
+    mmer("register", family / "vision", "--name", long, "--modality", "vision")
+    mmer("register", family / "audio", "--name", "x", "--modality", "audio")
+    lines = mmer("entries").splitlines()
+    header, first, second = lines[0], lines[1], lines[2]
+    col = header.index("rev")
+    assert first.startswith(long + " ") and second[col - 2:col] == "  " and first[col - 2:col] == "  "
+
+
+def test_help_and_version_load_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from mmer_cl.cli import cli; "
+            "r = CliRunner().invoke(cli, ['--help']); assert 'Typical session' in r.output; "
+            "r = CliRunner().invoke(cli, ['--version']); assert 'mmer-cl' in r.output; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -169,3 +169,21 @@ def test_a_mask_change_outside_the_support_is_stored_whole():
     pack = MaskPackBuilder()
     pack.add("t", new, parent=("0" * 64, old, 0), support=("1" * 64, support))
     assert "parent" not in pack.members[0] and pack.numel == 16
+
+
+def test_a_whole_mask_ordered_by_its_context_costs_little_where_the_context_predicts_it(tmp_path):
+    from storage.delta import MaskPackBuilder
+
+    blobs, reader = _reader_with(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    merged = torch.randn(200_000, generator=gen)
+    merged[torch.rand(200_000, generator=gen) < 0.5] = 0
+    mask = (torch.rand(200_000, generator=gen) < 0.5) | (merged == 0)  # always kept where merged is 0
+    merged_digest = blobs.put(encode(merged))
+    plain, ordered = MaskPackBuilder(), MaskPackBuilder()
+    plain.add("t", mask)
+    ordered.add("t", mask, context=(merged_digest, merged != 0))
+    blob = ordered.finish()
+    assert torch.equal(reader.tensor(blobs.put(blob), "t"), mask)
+    assert len(blob) * 8 / mask.numel() < 0.53  # one random bit where merged != 0, about nothing elsewhere
+    assert len(blob) < 0.65 * len(plain.finish())

@@ -33,15 +33,18 @@ def store(family, tmp_path):
     s.close()
 
 
-def test_second_expansion_trims_only_the_new_entry_and_is_coded_against_the_first(store, family, tmp_path):
+def test_second_expansion_reuses_every_trim_and_is_coded_against_the_first(store, family, tmp_path):
     v1 = store.expand()
     assert v1.created and not v1.incremental
-    assert v1.version.details["trimmed"] == ["vision", "audio"]
+    assert v1.version.details["trimmed"] == []  # register trimmed at the default density already
     store.register(family / "video", "video", "video", "qa")
     v2 = store.expand()
     assert v2.incremental and v2.version.number == 2
-    assert v2.version.details["trimmed"] == ["video"]  # the others' cached trims are reused
+    assert v2.version.details["trimmed"] == []
     assert v2.version.details["coded_against"] == "v1"
+    v3 = store.expand(MergeParams(density=0.35))  # a new density is trimmed once, then cached
+    assert v3.version.details["trimmed"] == ["vision", "audio", "video"]
+    store.rollback(2)
     # The incremental result equals a batch merge of all three, exported through the register-free path.
     batch = merge_checkpoints(family / "base", [family / "vision", family / "audio", family / "video"],
                               tmp_path / "batch")

@@ -126,11 +126,10 @@ def test_two_hosts_register_concurrently_into_one_registry_and_bucket(family, pg
 
 
 def test_a_mistyped_blob_location_is_refused_not_created(family, pg_url, bucket_url, tmp_path):
-    Store.init(tmp_path / "store", family / "base", url=pg_url).close()
-    with pytest.raises(StoreError, match="no blob location at .*typo"):
+    Store.init(tmp_path, family / "base", url=pg_url, objects=bucket_url).close()
+    with pytest.raises(StoreError, match="no blob location at .*typo"):  # --store typo, blobs by default in it
         Store.open(tmp_path / "typo", url=pg_url)
     assert not (tmp_path / "typo").exists()
-    Store.init(tmp_path, family / "base", url=pg_url, objects=bucket_url, base_name="b2").close()
     with pytest.raises(StoreError, match="no blob location at s3://.*/stroe"):
         Store.open(tmp_path, url=pg_url, objects=bucket_url.replace("/store", "/stroe"))
     run = cli_runner("--db-url", pg_url, "--objects", "s3://AKIAEXAMPLE:topsecret@bucket/store")

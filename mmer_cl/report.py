@@ -101,14 +101,22 @@ def disk_usage(store: "Store") -> dict:
     usage = {k: 0 for k in ("task_vectors", "merged", "masks", "legacy_accumulators", "modality_sides",
                             "non_weight_files", "other_entry_blobs", "unreferenced_blobs")}
     files = 0
-    for digest in store.blobs.digests():
-        size = store.blobs.size(digest)
-        usage[kinds.get(digest, "unreferenced_blobs")] += size
-        files += size
+    for page in store.blobs.pages():  # sizes come with the listing: no request per blob on a bucket
+        for digest, size in page:
+            usage[kinds.get(digest, "unreferenced_blobs")] += size
+            files += size
     registry = sum(p.stat().st_size for p in store.root.glob("registry.db*") if p.is_file())
-    total = du_bytes(store.root)
+    blobs_inside = Path(store.blobs.location) == (store.root / "objects").absolute()
+    if blobs_inside and store.root.is_dir():  # the default layout: everything under one directory
+        total = du_bytes(store.root)
+        usage["directories_and_other"] = total - files - registry
+    else:  # blobs in a bucket or another directory, registry perhaps in a database server
+        db = reg.engine.url.database if reg.engine.dialect.name == "sqlite" else None
+        if db and db != ":memory:" and not registry:
+            registry = sum(p.stat().st_size for p in Path(db).parent.glob(Path(db).name + "*") if p.is_file())
+        total = files + registry
+        usage["directories_and_other"] = 0
     usage["registry"] = registry
-    usage["directories_and_other"] = total - files - registry
     usage["total"] = total
     return usage
 
@@ -211,7 +219,9 @@ def format_report(r: dict) -> str:
     lines = [
         f"version {r['version']}: {p['method']} (density {p['density']}, alpha {p['alpha']}), "
         f"masks {p['mask_rule']} (lambda {p['lam']}); {r['llm_params']:,} LLM parameters, {n} entries",
-        "", f"On disk: {hb(disk['total'])} (what `du -sb` counts for the store directory)",
+        "", f"On disk: {hb(disk['total'])} " + ("(what `du -sb` counts for the store directory)"
+                                                if disk.get("directories_and_other") else
+                                                "(blobs at their location, plus the registry database file)"),
     ]
     labels = [("task_vectors", "task vectors (kept to re-merge later)"), ("merged", "merged vectors, all versions"),
               ("masks", "masks, all versions"), ("modality_sides", "modality sides (encoders, projectors)"),

@@ -79,6 +79,8 @@ def test_walkthrough_on_postgresql_and_s3_exports_like_a_local_store(family, pg_
         remote("export", "--entry", entry, tmp_path / "remote" / entry)
         local("export", "--entry", entry, tmp_path / "local-out" / entry)
         assert tree_digest(tmp_path / "remote" / entry) == tree_digest(tmp_path / "local-out" / entry)
+    report = remote("report", "--no-svd", "--ranks", "8")
+    assert "On disk" in report and "blobs at their location" in report
     remote("export", "--text", tmp_path / "remote-text")
     local("export", "--text", tmp_path / "local-text")
     assert tree_digest(tmp_path / "remote-text") == tree_digest(tmp_path / "local-text")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -32,6 +31,7 @@ from mmer_cl.expansion import expand_tensor
 from mmer_cl.masks import emr_rescale
 from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
+from mmer_cl.prefetch import prefetched
 from mmer_cl.references import TensorReference, is_reference, read_task_vector
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import BlobStore, TensorReader, encode
@@ -176,16 +176,11 @@ def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoint
     return _Inputs(taus, prev, masks)
 
 
-def _prefetched(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
-                ) -> Iterator[tuple[TensorJob, _Inputs]]:
+def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
+                 ) -> Iterator[tuple[TensorJob, _Inputs]]:
     """The jobs with their decoded inputs, the next one decoding on a second thread meanwhile."""
     checkpoints: dict = {}  # referenced checkpoints, opened once
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-load") as pool:
-        pending = pool.submit(_load, reader, jobs[0], device, checkpoints) if jobs else None
-        for i, job in enumerate(jobs):
-            inputs = pending.result()
-            pending = pool.submit(_load, reader, jobs[i + 1], device, checkpoints) if i + 1 < len(jobs) else None
-            yield job, inputs
+    return prefetched((job, _load(reader, job, device, checkpoints)) for job in jobs)
 
 
 class _GroupWriter:
@@ -274,7 +269,7 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
         count += len(g)
         ends.add(count)
     results, writer = [], _GroupWriter(plan, put)
-    for step, (job, inputs) in enumerate(_prefetched(reader, jobs, device), start=1):
+    for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
         writer.add(job, inputs)
         if step in ends:
             results.append(writer.finish())

@@ -311,7 +311,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--k", type=int, default=6, help="fine-tunes (at least 3)")
-XX
+    ap.add_argument("--noise", type=float, default=0.0005,
+                    help="std of the fine-tunes' change (0.0005 on weights of std 0.02 gives task vectors of about "
+                         "8 bits/param, like the 271M model the store was first measured on)")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, help="where models and stores go [a temp dir]")

@@ -186,6 +186,7 @@ def ensure_mergekit() -> Path:
 def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit: Path | None) -> dict:
     """One interleaved pass of every step; returns {step: measurement} and the store sizes."""
     rep: dict = {}
+    work.mkdir(parents=True, exist_ok=True)
     first3 = fts[:3]
     if mergekit is not None:
         cfg = work / "ties.yml"

@@ -186,6 +186,7 @@ def ensure_mergekit() -> Path:
 def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit: Path | None) -> dict:
     """One interleaved pass of every step; returns {step: measurement} and the store sizes."""
     rep: dict = {}
+    work.mkdir(parents=True, exist_ok=True)
     first3 = fts[:3]
     if mergekit is not None:
         cfg = work / "ties.yml"
@@ -224,13 +225,38 @@ def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit
     for i, p in enumerate(fts[3:], start=4):
         rep[f"mmer register #{i}"] = run_measured(mmer + ["register", str(p), "--name", f"e{i}", "--modality",
                                                           f"m{i}"])
+        sizes.append((f"register e{i}", du_sb(store), i))
         rep[f"mmer expand ({i}, incremental)"] = run_measured(mmer + ["expand"])
-        sizes.append((f"register + expand v{i - 2} ({i} entries)", du_sb(store), i))
+        sizes.append((f"expand v{i - 2} ({i} entries)", du_sb(store), i))
     report = subprocess.run(mmer + ["report", "--no-svd", "--json"], capture_output=True, text=True, check=True)
-    rep["_sizes"] = sizes
+    rep["_sizes"] = sizes + reference_sequence(base, fts, work, density)
     rep["_report"] = json.loads(report.stdout)
     rep["_du"] = du_sb(store)
     return rep
+
+
+def reference_sequence(base: Path, fts: list[Path], work: Path, density: float) -> list[tuple[str, int, int]]:
+    """The same sequence with every entry registered by reference: the store's size after each step."""
+    store = work / "store-ref"
+    shutil.rmtree(store, ignore_errors=True)
+    mmer = MMER + ["--store", str(store), "-q"]
+    subprocess.run(mmer + ["init", "--base", str(base)], check=True, capture_output=True)
+    sizes = []
+    for i, p in enumerate(fts, start=1):
+        subprocess.run(mmer + ["register", str(p), "--name", f"e{i}", "--modality", f"m{i}", "--reference"],
+                       check=True, capture_output=True)
+        if i >= 3:
+            subprocess.run(mmer + ["expand", "--density", str(density)], check=True, capture_output=True)
+            sizes.append((f"--reference: {i} entries, v{i - 2}", du_sb(store), i))
+    return sizes
+
+
+def codec_comparison(base: Path, ft: Path, mergekit: Path | None) -> dict | None:
+    """bench/task_vector_codecs.py in the bench venv (it has ZipNN), else here without ZipNN."""
+    python = mergekit.parent / "python" if mergekit else Path(sys.executable)
+    out = subprocess.run([str(python), str(ROOT / "bench" / "task_vector_codecs.py"), str(base), str(ft)],
+                         capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else None
 
 
 def summarise(reps: list[dict], full_copy: int) -> dict:
@@ -268,6 +294,15 @@ def print_summary(summary: dict, limits: dict, params: int, args) -> None:
     print("\n| after | store (du -sb) | full copies | ratio |\n|---|---:|---:|---:|")
     for label, size, n in summary["sizes"]:
         print(f"| {label} | {size / gb:.3f} GB | {n * full / gb:.3f} GB | {size / (n * full):.2f} |")
+    steps = summary["sizes"]
+    print("\n| version | bytes it added (masks included) | of one full copy |\n|---|---:|---:|")
+    for (label, size, _), (_, before, _) in zip(steps[1:], steps[:-1]):
+        if label.startswith("expand"):
+            print(f"| {label} | {(size - before) / gb:.3f} GB | {(size - before) / full:.2f} |")
+    if summary.get("codecs"):
+        print("\n| one fine-tune, stored as | bits/param | seconds |\n|---|---:|---:|")
+        for k, v in summary["codecs"].items():
+            print(f"| {k} | {v['bits_per_param']:.2f} | {v['seconds']:.1f} |")
 
 
 def main() -> None:
@@ -277,7 +312,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--k", type=int, default=6, help="fine-tunes (at least 3)")
-    ap.add_argument("--noise", type=float, default=0.002, help="std of the fine-tunes' change")
+    ap.add_argument("--noise", type=float, default=0.0005,
+                    help="std of the fine-tunes' change (0.0005 on weights of std 0.02 gives task vectors of about "
+                         "8 bits/param, like the 271M model the store was first measured on)")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, help="where models and stores go [a temp dir]")
@@ -308,6 +345,7 @@ def main() -> None:
         print(f"repeat {r + 1}/{args.repeats} (load average {load_average()})", flush=True)
         reps.append(one_repeat(base, fts, work / "run", args.density, mergekit))
     summary = summarise(reps, full_copy)
+    summary["codecs"] = codec_comparison(base, fts[0], mergekit)
     print_summary(summary, limits, params, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "params": params,

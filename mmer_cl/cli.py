@@ -238,27 +238,33 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
               "in history and in the versions that hold it).")
 @click.option("--description", default="", help="A description of the entry.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag on the entry (repeatable).")
+@click.option("--reference", is_flag=True, help="Keep the checkpoint's path and per-tensor sha256 instead of a copy "
+              "of its task vector (the checkpoint must then stay where it is, unchanged).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
 def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, llm_prefix: str | None,
-             max_change: float, update: bool, description: str, tags: tuple[str, ...], base: str | None) -> None:
+             max_change: float, update: bool, description: str, tags: tuple[str, ...], reference: bool,
+             base: str | None) -> None:
     """Record a fine-tuned multimodal checkpoint (or a peft LoRA adapter) as a new entry.
 
     Stores its LLM task vector (fine-tuned minus base; for a LoRA adapter,
     B @ A * scaling), its encoder/projector and its config files, compressed;
     the source may be deleted afterwards. Registering the same checkpoint
     again is recognised and changes nothing. Run `expand` afterwards.
+    With --reference the task vector is not copied: expansions read the
+    checkpoint again, checking every tensor's sha256 (exports never need it).
 
     \b
     Examples:
       mmer register ./llava-vision --name vision --modality vision --task vqa
+      mmer register /models/llava-audio --name audio --modality audio --reference
       mmer register ./lora-adapter --name chat --modality text --tag owner=ana
       mmer register ./llava-vision-v2 --name vision --modality vision --update
     """
     with obj.open() as store, obj.progress(f"registering {name}") as bar:
         result = store.register(checkpoint, name, modality, task, llm_prefix=llm_prefix, base=base,
                                 actor=obj.actor, max_relative_change=max_change, progress=bar, update=update,
-                                description=description, tags=parse_tags(tags))
+                                description=description, tags=parse_tags(tags), reference=reference)
     if not result.created:
         click.echo(f"already registered as entry {result.entry.label!r}; nothing changed")
         return

@@ -51,9 +51,10 @@ def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[Trim
     same bits), computed in place: the hot loop of every expansion.
     """
     first = as_working(taus[0])
-    pos, neg, scratch = torch.zeros_like(first), torch.zeros_like(first), torch.empty_like(first)
-    n_pos = torch.zeros(first.shape, dtype=torch.int32, device=first.device)
-    n_neg = torch.zeros_like(n_pos)
+    pos, neg, scratch = torch.empty_like(first).zero_(), torch.empty_like(first).zero_(), torch.empty_like(first)
+    counts = torch.int8 if len(taus) < 128 else torch.int32  # exact either way; int8 moves a quarter of the bytes
+    n_pos = torch.empty(first.shape, dtype=counts, device=first.device).zero_()
+    n_neg = torch.empty_like(n_pos).zero_()
     for tau, threshold in zip(taus, thresholds):
         hat = apply_trim(tau, threshold)
         pos.add_(torch.clamp(hat, min=0, out=scratch))

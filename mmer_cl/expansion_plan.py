@@ -18,8 +18,8 @@ masks of small tensors share one blob (see :mod:`storage.delta`).
 
 from __future__ import annotations
 
+import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -31,8 +31,10 @@ from mmer_cl.expansion import expand_tensor
 from mmer_cl.masks import emr_rescale
 from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
+from mmer_cl.prefetch import prefetched
+from mmer_cl.references import TensorReference, is_reference, read_task_vector
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
-from storage import TensorReader, encode
+from storage import BlobStore, TensorReader, encode
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
@@ -57,7 +59,7 @@ class TensorJob:
 
     key: str
     numel: int
-    task_vectors: tuple[str, ...]
+    task_vectors: tuple[str, ...]  # blob digests, or reference specs (mmer_cl.references)
     thresholds: tuple[tuple[int, int] | None, ...]
     prev_merged: str | None
     prev_masks: tuple[str | None, ...]
@@ -99,8 +101,23 @@ def _groups(jobs: Sequence[TensorJob]) -> tuple[tuple[TensorJob, ...], ...]:
     return tuple(tuple(g) for g in groups)
 
 
+def task_vector_sources(registry: Registry, blobs: BlobStore | None, base_id: int,
+                         entry: EntryRecord) -> dict[str, str]:
+    """Per base tensor: the digest of the entry's task vector blob, or the reference spec to rebuild it."""
+    if not entry.stats.get("referenced"):
+        return {r.key: r.digest for r in registry.entry_blobs(entry.id, "task_vector")}
+    if blobs is None:
+        raise MmerError(f"entry {entry.name!r} is registered by reference; planning needs the blob store")
+    [ref] = registry.entry_blobs(entry.id, "reference")
+    sources = json.loads(blobs.get(ref.digest))
+    base = next(b for b in registry.bases() if b.id == base_id)
+    shas = {t.name: t.sha256 for t in registry.base_tensors(base_id)}
+    return {key: TensorReference(entry.source_path, s["key"], s["sha256"], s["rows"], base.source_path, key,
+                                 shas[key]).spec() for key, s in sources.items()}
+
+
 def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryRecord], params: MergeParams,
-                   previous: VersionRecord | None) -> ExpansionPlan:
+                   previous: VersionRecord | None, blobs: BlobStore | None = None) -> ExpansionPlan:
     """Decide the merge order and name every blob the expansion reads.
 
     When the previous version merged a subset of ``entries`` with the same
@@ -115,7 +132,7 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
     if incremental:
         by_id = {e.id: e for e in entries}
         entries = [by_id[i] for i in prev_ids] + [e for e in entries if e.id not in set(prev_ids)]
-    task_vectors = {e.id: {r.key: r.digest for r in registry.entry_blobs(e.id, "task_vector")} for e in entries}
+    task_vectors = {e.id: task_vector_sources(registry, blobs, base_id, e) for e in entries}
     trims = registry.trims([e.id for e in entries], params.density) if params.incremental else {}
     prev_merged = {r.key: r.digest for r in registry.version_blobs(previous.id, "merged")} if previous else {}
     prev_masks = {(r.entry_id, r.key): r.digest for r in registry.version_blobs(previous.id, "mask")} \
@@ -144,8 +161,14 @@ class _Inputs:
     prev_masks: list[tuple[torch.Tensor, int] | None]
 
 
-def _load(reader: TensorReader, job: TensorJob, device: torch.device) -> _Inputs:
-    taus = [reader.tensor(d).to(device) for d in job.task_vectors]
+def _task_vector(reader: TensorReader, spec: str, device: torch.device, checkpoints: dict) -> torch.Tensor:
+    if is_reference(spec):
+        return read_task_vector(TensorReference.from_spec(spec), checkpoints, device)
+    return reader.tensor(spec).to(device)
+
+
+def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoints: dict) -> _Inputs:
+    taus = [_task_vector(reader, spec, device, checkpoints) for spec in job.task_vectors]
     prev = None
     if job.prev_merged:
         prev = (reader.tensor(job.prev_merged), reader.depth(job.prev_merged))
@@ -153,15 +176,11 @@ def _load(reader: TensorReader, job: TensorJob, device: torch.device) -> _Inputs
     return _Inputs(taus, prev, masks)
 
 
-def _prefetched(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
-                ) -> Iterator[tuple[TensorJob, _Inputs]]:
+def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
+                 ) -> Iterator[tuple[TensorJob, _Inputs]]:
     """The jobs with their decoded inputs, the next one decoding on a second thread meanwhile."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-load") as pool:
-        pending = pool.submit(_load, reader, jobs[0], device) if jobs else None
-        for i, job in enumerate(jobs):
-            inputs = pending.result()
-            pending = pool.submit(_load, reader, jobs[i + 1], device) if i + 1 < len(jobs) else None
-            yield job, inputs
+    checkpoints: dict = {}  # referenced checkpoints, opened once
+    return prefetched((job, _load(reader, job, device, checkpoints)) for job in jobs)
 
 
 class _GroupWriter:
@@ -250,7 +269,7 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
         count += len(g)
         ends.add(count)
     results, writer = [], _GroupWriter(plan, put)
-    for step, (job, inputs) in enumerate(_prefetched(reader, jobs, device), start=1):
+    for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
         writer.add(job, inputs)
         if step in ends:
             results.append(writer.finish())

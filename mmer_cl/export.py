@@ -16,6 +16,7 @@ import torch
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.dtypes import DTYPES
 from mmer_cl.keymap import KeyMap
+from mmer_cl.prefetch import prefetched
 from mmer_cl.reconstruct import reconstruct
 from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
 
@@ -106,7 +107,7 @@ def write_model(
                 target.write_bytes(content)
         writer = ShardedWriter(tmp, specs, max_shard_bytes, groups, metadata)
         try:
-            for i, (name, tensor) in enumerate(tensors, start=1):
+            for i, (name, tensor) in enumerate(prefetched(tensors), start=1):  # next one read meanwhile
                 writer.add(name, tensor)
                 if progress:
                     progress(i, len(specs), name)

@@ -92,13 +92,14 @@ def disk_usage(store: "Store") -> dict:
     for b in reg.bases():
         for e in reg.entries(b.id, include_removed=True):
             for r in reg.entry_blobs(e.id):
-                kinds.setdefault(r.digest, {"task_vector": "task_vectors", "own": "modality_sides",
-                                            "aux": "non_weight_files"}.get(r.role, "other_entry_blobs"))
+                kinds.setdefault(r.digest, {"task_vector": "task_vectors", "own": "modality_sides", "aux":
+                                            "non_weight_files", "reference": "references"}.get(r.role,
+                                                                                                "other_entry_blobs"))
         for v in reg.versions(b.id):
             for r in reg.version_blobs(v.id):
                 kind = "masks" if r.role == "mask" else "merged" if r.role == "merged" else "legacy_accumulators"
                 kinds.setdefault(r.digest, kind)
-    usage = {k: 0 for k in ("task_vectors", "merged", "masks", "legacy_accumulators", "modality_sides",
+    usage = {k: 0 for k in ("task_vectors", "references", "merged", "masks", "legacy_accumulators", "modality_sides",
                             "non_weight_files", "other_entry_blobs", "unreferenced_blobs")}
     files = 0
     for page in store.blobs.pages():  # sizes come with the listing: no request per blob on a bucket
@@ -153,6 +154,7 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
             "task_vector_archive_bytes": tv_stored,
             "task_vector_bits_per_param": 8 * tv_stored / n_params if n_params else 0.0,
             "full_copy_bytes": entry.stats.get("checkpoint_bytes", 0),
+            "referenced": bool(entry.stats.get("referenced")),
         }
         if svd:
             row["fidelity"] = _fidelity(store, version, m, entry.id, linear, ranks)
@@ -168,7 +170,7 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
     usage = disk_usage(store)
     deployment = {"base": base_bytes, "merged": merged_stored, "masks": masks, "modality_sides": side,
                   "total": base_bytes + merged_stored + masks + side}
-    remerge = {"task_vectors": usage["task_vectors"],
+    remerge = {"task_vectors": usage["task_vectors"] + usage["references"],
                "other_versions": usage["merged"] + usage["masks"] + usage["legacy_accumulators"]
                - merged_stored - masks,
                "registry": usage["registry"]}
@@ -223,7 +225,8 @@ def format_report(r: dict) -> str:
                                                 if disk.get("directories_and_other") else
                                                 "(blobs at their location, plus the registry database file)"),
     ]
-    labels = [("task_vectors", "task vectors (kept to re-merge later)"), ("merged", "merged vectors, all versions"),
+    labels = [("task_vectors", "task vectors (kept to re-merge later)"),
+              ("references", "references to checkpoints kept elsewhere"), ("merged", "merged vectors, all versions"),
               ("masks", "masks, all versions"), ("modality_sides", "modality sides (encoders, projectors)"),
               ("non_weight_files", "non-weight files (configs, tokenizers)"),
               ("legacy_accumulators", "accumulators (stores from mmer-cl 0.1)"),
@@ -250,10 +253,10 @@ def format_report(r: dict) -> str:
               "", f"{'entry':<14}{'mask':>12}{'density':>9}{'bits/param':>11}{'H(d)':>7}{'modality side':>15}"
               f"{'task vector':>13}{'full copy':>12}"]
     for e in r["entries"]:
+        tv = "reference" if e.get("referenced") else f"{e['task_vector_bits_per_param']:.2f} b/p"
         lines.append(f"{e['name']:<14}{hb(e['mask_bytes']):>12}{e['mask_density']:>9.3f}"
                      f"{e['mask_bits_per_param']:>11.3f}{e['mask_entropy_bound']:>7.3f}"
-                     f"{hb(e['modality_side_bytes']):>15}{e['task_vector_bits_per_param']:>8.2f} b/p"
-                     f"{hb(e['full_copy_bytes']):>12}")
+                     f"{hb(e['modality_side_bytes']):>15}{tv:>13}{hb(e['full_copy_bytes']):>12}")
     lines += ["H(d) = -d log2 d - (1-d) log2(1-d): the fewest bits per parameter an independent random mask of",
               "density d can cost. Masks here are coded against the merged vector and the previous version, so",
               "they can cost less; bits/param counts every blob this version's masks need, shared parents included."]

@@ -33,7 +33,8 @@ from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
 from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import KeyMappingError, MmerError
-from mmer_cl.expansion_plan import commit_expansion, llm_shapes, plan_expansion, run_plan
+from mmer_cl.expansion_plan import (commit_expansion, llm_shapes, plan_expansion, run_plan,
+                                    task_vector_sources)
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
@@ -44,6 +45,7 @@ from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
+from mmer_cl.references import TensorReference, read_task_vector
 from mmer_cl.task_vector import task_vector
 from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
@@ -255,10 +257,12 @@ class Store:
                  llm_prefix: str | None = None, base: str | None = None, actor: str | None = None,
                  max_relative_change: float = MAX_RELATIVE_CHANGE,
                  progress: Progress | None = None, update: bool = False, description: str = "",
-                 tags: dict | None = None) -> RegisterResult:
+                 tags: dict | None = None, reference: bool = False) -> RegisterResult:
         """Record a fine-tuned checkpoint (or a peft LoRA adapter): its task vector, modality side and files.
 
         The same checkpoint registered again is recognised (``created=False``).
+        ``reference=True`` keeps the checkpoint's path and per-tensor sha256
+        instead of a copy of its task vector (see :mod:`mmer_cl.references`).
         ``update=True`` registers it as a new revision of entry ``name``: the old
         revision leaves the next expansion but stays in the versions that hold it.
         A checkpoint whose LLM differs from the base by more than
@@ -274,10 +278,13 @@ class Store:
         vbase = self._verified_base(base_rec)
         ckpt = open_checkpoint(path, fallback_base=base_rec.source_path)  # a directory or a peft LoRA adapter
         keymap = map_checkpoint(vbase.llm_shapes(), ckpt, llm_prefix)
+        if reference and hasattr(ckpt, "task_vector"):
+            raise StoreError(f"{path} is a LoRA adapter; register it without --reference (its stored update is "
+                             "already small)")
         with self._lock(), self.blobs.batch() as batch:
             current = self.registry.version(base_rec.id)
             densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
-            refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, batch, progress, densities)
+            refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, batch, progress, densities, reference)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
@@ -298,8 +305,10 @@ class Store:
         return BlobRef(role, key, batch.put(blob), len(blob), t.numel() * t.element_size())
 
     def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, batch: Batch,
-                progress: Progress | None, densities: Sequence[float] = ()) -> tuple[list[BlobRef], list, dict, list]:
+                progress: Progress | None, densities: Sequence[float] = (), reference: bool = False
+                ) -> tuple[list[BlobRef], list, dict, list]:
         refs: list[BlobRef] = []
+        sources: dict[str, dict] = {}
         parts = []
         trims: list[Trim] = []
         sq_tau = sq_base = 0.0
@@ -324,7 +333,10 @@ class Store:
                     sq_tau += float(tau.square().sum())
                     sq_base += float(b.float().square().sum())
                 llm_params += tau.numel()
-                refs.append(self._put(batch, "task_vector", base_key, tau))
+                if reference:
+                    sources[base_key] = {"key": key, "sha256": parts[-1][3], "rows": keymap.resized.get(key)}
+                else:
+                    refs.append(self._put(batch, "task_vector", base_key, tau))
             if key in own_keys:
                 own = keymap.modality_part(key, t)
                 own_params += own.numel()
@@ -334,8 +346,12 @@ class Store:
         for f in ckpt.aux_files():
             data = f.read_bytes()
             refs.append(BlobRef("aux", f.name, batch.put(data), len(data), len(data)))
+        if reference:
+            data = json.dumps(sources, sort_keys=True).encode()
+            refs.append(BlobRef("reference", "task_vectors", batch.put(data), len(data), len(data)))
         stats = {"relative_change": math.sqrt(sq_tau / sq_base) if sq_base else 0.0, "llm_params": llm_params,
-                 "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized}
+                 "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized,
+                 "referenced": reference}
         return refs, parts, stats, trims
 
     # ---- expand / remove -----------------------------------------------------------------
@@ -401,7 +417,7 @@ class Store:
         """Plan, run every tensor group (here, or through ``runner``), and commit
         (see :mod:`mmer_cl.expansion_plan`)."""
         started = time.perf_counter()
-        plan = plan_expansion(self.registry, base_rec.id, entries, params, previous)
+        plan = plan_expansion(self.registry, base_rec.id, entries, params, previous, self.blobs)
         if runner is not None:  # a failure leaves only unreferenced blobs, which gc removes
             results = runner(self.blobs, plan, progress=progress)
             version = commit_expansion(self.registry, plan, results, actor, started, remove, **annotations)
@@ -602,8 +618,22 @@ class Store:
                         vbase.get(name)
                 except MmerError as exc:
                     base_problems.append(str(exc))
+                base_problems += self._check_references(b)
         unreferenced = sum(1 for d in self.blobs.digests() if d not in owners)
         return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced)
+
+    def _check_references(self, base: BaseRecord) -> list[str]:
+        """Problems with the checkpoints that entries registered by reference point at."""
+        problems, opened = [], {}
+        for entry in self.registry.entries(base.id):
+            if not entry.stats.get("referenced"):
+                continue
+            try:
+                for spec in task_vector_sources(self.registry, self.blobs, base.id, entry).values():
+                    read_task_vector(TensorReference.from_spec(spec), opened)
+            except MmerError as exc:
+                problems.append(f"entry {entry.name}: {exc}")
+        return problems
 
     def gc(self, actor: str | None = None):
         """Delete blobs no row references (left by crashes); logged in the audit trail."""

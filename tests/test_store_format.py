@@ -122,3 +122,39 @@ def test_masks_of_small_tensors_cost_close_to_their_entropy(tmp_path):
     s.expand(MergeParams(density=0.5))
     for e in s.report(svd=False)["entries"]:
         assert e["mask_bits_per_param"] <= 1.1 * e["mask_entropy_bound"], e
+
+
+def test_an_entry_registered_by_reference_keeps_no_task_vector_and_merges_the_same(family, tmp_path):
+    import shutil
+
+    copied = Store.init(tmp_path / "copied", family / "base", actor="ci")
+    referenced = Store.init(tmp_path / "referenced", family / "base", actor="ci")
+    shutil.copytree(family / "audio", tmp_path / "audio")
+    for s, ref in ((copied, False), (referenced, True)):
+        s.register(family / "vision", "vision", "vision")
+        s.register(tmp_path / "audio", "audio", "audio", reference=ref)
+        s.expand(MergeParams(density=0.3))
+    assert not referenced.registry.entry_blobs(referenced.registry.entry(1, "audio").id, "task_vector")
+    r = referenced.report(svd=False)
+    assert [e["referenced"] for e in r["entries"]] == [False, True]
+    assert r["on_disk"]["task_vectors"] < copied.report(svd=False)["on_disk"]["task_vectors"]
+    for name in ("vision", "audio"):
+        assert tensor_bytes_of(copied.export(name, tmp_path / "c" / name)) == \
+            tensor_bytes_of(referenced.export(name, tmp_path / "r" / name))
+
+    # The checkpoint changes where it lies: the next expansion names it and changes nothing.
+    from mmer_cl.references import ReferenceError
+
+    shard = sorted((tmp_path / "audio").glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = referenced.versions()
+    assert any("entry audio" in p for p in referenced.audit(check_base=True).base_problems)
+    with pytest.raises(ReferenceError, match=str(tmp_path / "audio")):
+        referenced.expand(MergeParams(density=0.5))
+    assert referenced.versions() == before
+    shutil.rmtree(tmp_path / "audio")
+    with pytest.raises(ReferenceError, match="can no longer be read"):
+        referenced.expand(MergeParams(density=0.5))
+    assert tensor_bytes_of(referenced.export("audio", tmp_path / "r2")) == tensor_bytes_of(tmp_path / "r" / "audio")

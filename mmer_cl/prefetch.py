@@ -1,0 +1,57 @@
+"""Overlap producing the next item with consuming this one: a one-thread read-ahead for tensor streams.
+
+Decoding blobs, hashing and tensor math release the GIL, so on two cores a
+stream of tensors runs about as fast as its slower half.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` in order while a background thread produces up to ``depth`` ahead.
+
+    An exception in the producer is raised here, at the item where it
+    happened; closing the consumer early stops the producer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer
+            slots.put((_DONE, exc))
+
+    worker = threading.Thread(target=produce, name="mmer-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)

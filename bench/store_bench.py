@@ -170,8 +170,12 @@ def mergekit_config(base: Path, fts: list[Path], density: float) -> str:
 
 
 def ensure_mergekit() -> Path:
+    """mergekit (and, for the codec comparison, ZipNN and zstandard) in a venv of their own."""
     exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+    python = MERGEKIT_VENV / "bin" / "python"
     if exe.exists():
+        if subprocess.run([str(python), "-c", "import zipnn, zstandard"], capture_output=True).returncode:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "zipnn", "zstandard"], check=True)
         return exe
     print(f"installing mergekit {MERGEKIT_VERSION} into {MERGEKIT_VENV} (once)...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
@@ -179,7 +183,7 @@ def ensure_mergekit() -> Path:
     subprocess.run(pip + [TORCH], check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
         fh.write(TORCH + "\n")
-    subprocess.run(pip + ["-c", fh.name, f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    subprocess.run(pip + ["-c", fh.name, f"mergekit=={MERGEKIT_VERSION}", "zipnn", "zstandard"], check=True)
     return exe
 
 

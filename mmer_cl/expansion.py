@@ -13,7 +13,7 @@ import torch
 
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.masks import compute_masks, masked_abs_sums
-from mmer_cl.merging import TrimThreshold, apply_trim, merge, trim, trim_threshold
+from mmer_cl.merging import TrimThreshold, merge, trim, trim_threshold, trim_part
 from mmer_cl.params import MergeParams
 from mmer_cl.precision import as_working
 
@@ -43,20 +43,21 @@ def accumulate(taus: Sequence[torch.Tensor], density: float,
     return acc
 
 
-def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
-                         alpha: float) -> torch.Tensor:
-    """The ties merge, trimming each task vector by its known threshold and folding them in order.
+CHUNK = 1 << 22  # elements per piece of a large tensor: bounds the temporaries of the math
 
-    The same sums, in the same order, as :class:`TiesAccumulator` (so the
-    same bits), computed in place: the hot loop of every expansion.
-    """
-    first = as_working(taus[0])
+
+def _pieces(n: int) -> list[slice]:
+    return [slice(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
+
+
+def _fold(hats: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``alpha * tau_m`` of trimmed vectors: the sums of :class:`TiesAccumulator`, in the same order, in place."""
+    first = hats[0]
     pos, neg, scratch = torch.empty_like(first).zero_(), torch.empty_like(first).zero_(), torch.empty_like(first)
-    counts = torch.int8 if len(taus) < 128 else torch.int32  # exact either way; int8 moves a quarter of the bytes
+    counts = torch.int8 if len(hats) < 128 else torch.int32  # exact either way; int8 moves a quarter of the bytes
     n_pos = torch.empty(first.shape, dtype=counts, device=first.device).zero_()
     n_neg = torch.empty_like(n_pos).zero_()
-    for tau, threshold in zip(taus, thresholds):
-        hat = apply_trim(tau, threshold)
+    for hat in hats:
         pos.add_(torch.clamp(hat, min=0, out=scratch))
         neg.add_(torch.clamp(hat, max=0, out=scratch))
         n_pos.add_(hat > 0)
@@ -67,6 +68,39 @@ def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[Trim
     merged = torch.where(total > 0, pos, torch.where(total < 0, neg, torch.zeros((), dtype=pos.dtype,
                                                                                   device=pos.device)))
     return merged if alpha == 1.0 else alpha * merged
+
+
+def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
+                         alpha: float) -> torch.Tensor:
+    """The ties merge, trimming each task vector by its known threshold and folding them in order.
+
+    The same sums, in the same order, as :class:`TiesAccumulator` (so the
+    same bits), computed piece by piece: the hot loop of every expansion,
+    whose temporaries stay a few pieces large whatever the tensor.
+    """
+    flat = [as_working(t).reshape(-1) for t in taus]
+    out = torch.empty_like(flat[0])
+    ties_left = [t.ties for t in thresholds]
+    for piece in _pieces(out.numel()):
+        hats = []
+        for i, (tau, threshold) in enumerate(zip(flat, thresholds)):
+            hat, used = trim_part(tau[piece], threshold, ties_left[i])
+            ties_left[i] -= used
+            hats.append(hat)
+        out[piece] = _fold(hats, alpha)
+    return out.reshape(taus[0].shape)
+
+
+def masks_in_pieces(rule: str, taus: Sequence[torch.Tensor], merged: torch.Tensor, lam, k: int
+                    ) -> list[torch.Tensor]:
+    """:func:`compute_masks`, piece by piece (every rule is elementwise), into one bool tensor per model."""
+    flat = [t.reshape(-1) for t in taus]
+    flat_merged = merged.reshape(-1)
+    masks = [torch.empty(flat_merged.numel(), dtype=torch.bool, device=flat_merged.device) for _ in taus]
+    for piece in _pieces(flat_merged.numel()):
+        for out, m in zip(masks, compute_masks(rule, [t[piece] for t in flat], flat_merged[piece], lam=lam, k=k)):
+            out[piece] = m
+    return [m.reshape(merged.shape) for m in masks]
 
 
 def expand_tensor(
@@ -93,7 +127,7 @@ def expand_tensor(
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
-    masks = compute_masks(params.mask_rule, taus, merged, lam=params.lam if lams is None else lams, k=params.k)
+    masks = masks_in_pieces(params.mask_rule, taus, merged, params.lam if lams is None else lams, params.k)
     if params.mask_rule == "emr":
         abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
     else:

@@ -91,19 +91,28 @@ def trim_threshold(tau: torch.Tensor, density: float) -> TrimThreshold:
     return TrimThreshold(t, k - int(torch.count_nonzero(keys > t)))
 
 
-def apply_trim(tau: torch.Tensor, threshold: TrimThreshold) -> torch.Tensor:
-    """``tau`` with every entry that ``threshold`` does not keep set to zero (working dtype).
+def trim_part(part: torch.Tensor, threshold: TrimThreshold, ties_left: int) -> tuple[torch.Tensor, int]:
+    """Trim one contiguous piece of a flat task vector; ``ties_left`` ties at the threshold are still to keep.
 
+    Returns the trimmed piece and how many ties it kept, so that a tensor
+    trimmed piece by piece, in order, equals :func:`apply_trim` of the whole.
     Dropped negative entries may come out as -0.0, which every later step
     treats as zero.
     """
-    tau = as_working(tau)
-    keys = sortable_magnitudes(tau)
+    part = as_working(part)
+    keys = sortable_magnitudes(part)
     keep = keys > threshold.bits
-    if threshold.ties and threshold.bits > 0:  # kept zeros change nothing
-        tied = (keys == threshold.bits).nonzero().reshape(-1)[: threshold.ties]
+    used = 0
+    if ties_left and threshold.bits > 0:  # kept zeros change nothing
+        tied = (keys == threshold.bits).nonzero().reshape(-1)[:ties_left]
         keep[tied] = True
-    return tau.reshape(-1).mul(keep).reshape(tau.shape)
+        used = tied.numel()
+    return part.reshape(-1).mul(keep).reshape(part.shape), used
+
+
+def apply_trim(tau: torch.Tensor, threshold: TrimThreshold) -> torch.Tensor:
+    """``tau`` with every entry that ``threshold`` does not keep set to zero (working dtype)."""
+    return trim_part(tau, threshold, threshold.ties)[0]
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:

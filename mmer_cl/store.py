@@ -43,6 +43,7 @@ from mmer_cl.locks import writer_lock
 from mmer_cl.lora import open_checkpoint
 from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
+from mmer_cl.prefetch import prefetched
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
@@ -314,14 +315,20 @@ class Store:
         sq_tau = sq_base = 0.0
         llm_params = own_params = ckpt_bytes = 0
         own_keys = set(keymap.own_keys())
-        for step, key in enumerate(keymap.order, start=1):
+
+        def read(key: str) -> tuple[str, torch.Tensor, str, torch.Tensor | None]:
+            """One tensor, its sha256, and its base tensor (checked): read ahead on a second thread."""
             t = ckpt.get(key)
+            base_key = keymap.llm.get(key)
+            return key, t, tensor_digest(t), vbase.get(base_key) if base_key is not None else None
+
+        for step, (key, t, digest, b) in enumerate(prefetched(read(k) for k in keymap.order), start=1):
             info = ckpt.infos[key]
-            parts.append((key, info.shape, info.dtype, tensor_digest(t)))
+            parts.append((key, info.shape, info.dtype, digest))
             ckpt_bytes += t.numel() * t.element_size()
             base_key = keymap.llm.get(key)
             if base_key is not None:
-                b = vbase.get(base_key).to(self.device)
+                b = b.to(self.device)
                 if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
                     tau = ckpt.task_vector(key, b)
                 else:

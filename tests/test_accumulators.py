@@ -6,6 +6,7 @@ import torch
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.expansion import accumulate, expand_tensor
 from mmer_cl.merging import ties, trim
+from mmer_cl.masks import mmer_mask
 from mmer_cl.params import MergeParams
 
 
@@ -48,3 +49,22 @@ def test_accumulator_round_trips_through_a_dict_of_tensors():
     acc = accumulate(random_taus(2), 0.5)
     again = TiesAccumulator.from_dict(acc.to_dict())
     assert torch.equal(again.merged(), acc.merged())
+
+
+def test_large_tensors_merged_piece_by_piece_equal_the_accumulators(monkeypatch):
+    import mmer_cl.expansion as expansion
+    from mmer_cl.merging import trim_threshold
+
+    taus = random_taus(3, shape=(50, 41), seed=7)
+    for t in taus:
+        t[t.abs() < 0.8] = 0.75  # many ties at the threshold, spread over several pieces
+    thresholds = [trim_threshold(t, 0.4) for t in taus]
+    whole = expansion.ties_from_thresholds(taus, thresholds, 1.0)
+    monkeypatch.setattr(expansion, "CHUNK", 97)  # pieces that cut through runs of ties
+    pieces = expansion.ties_from_thresholds(taus, thresholds, 1.0)
+    acc = TiesAccumulator.zeros(taus[0].shape)
+    for t in taus:
+        acc = acc.add(trim(t, 0.4))
+    assert torch.equal(pieces, whole) and torch.equal(whole, acc.merged())
+    masks = expansion.masks_in_pieces("mmer", taus, whole, 0.9, 2)
+    assert all(torch.equal(m, mmer_mask(t, whole, 0.9)) for m, t in zip(masks, taus))

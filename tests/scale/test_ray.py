@@ -117,3 +117,17 @@ def test_cli_expand_on_ray_with_postgresql_and_s3(family, ray_cluster, pg_url, b
     remote("export", "--entry", "audio", tmp_path / "a-remote")
     local("export", "--entry", "audio", tmp_path / "a-local")
     assert tree_digest(tmp_path / "a-remote") == tree_digest(tmp_path / "a-local")
+
+
+def test_entries_registered_by_reference_are_read_by_the_workers_from_their_paths(family, ray_cluster, tmp_path):
+    stores = []
+    for name in ("local", "ray"):
+        store = Store.init(tmp_path / name, family / "base")
+        store.register(family / "vision", "vision", "vision")
+        store.register(family / "audio", "audio", "audio", reference=True)  # workers re-read the checkpoint
+        stores.append(store)
+    local, distributed = stores
+    local.expand()
+    distributed.expand(runner=RayRunner())
+    assert version_blobs(distributed) == version_blobs(local)
+    local.close(), distributed.close()

@@ -94,10 +94,10 @@ class BlobStore:
 
     @property
     def objects(self) -> Path:
-        """The local objects directory (local backend only)."""
+        """The local objects directory; a blob store on a bucket has none (``location`` names any store's)."""
         root = getattr(self.backend, "root", None)
         if not isinstance(root, Path):
-            raise BlobError(f"blob location {self.location} is not a local directory")
+            raise AttributeError(f"blob location {self.location} is not a local directory; use .location")
         return root
 
     def path(self, digest: str) -> Path:

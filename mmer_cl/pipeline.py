@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from mmer_cl.checkpoint import Checkpoint
-from mmer_cl.dtypes import CODES, DTYPES
+from mmer_cl.dtypes import CODES, DTYPES, refuse_unmergeable
 from mmer_cl.precision import working_dtype
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
@@ -50,7 +50,8 @@ class PreparedModel:
 
 
 def base_llm_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Shapes of the base's float tensors: the ones merging works on."""
+    """Shapes of the base's float tensors: the ones merging works on (8-bit floats are refused)."""
+    refuse_unmergeable({n: i.dtype for n, i in base.infos.items() if i.is_float}, f"base {base.path}")
     return {n: i.shape for n, i in base.infos.items() if i.is_float}
 
 
@@ -60,6 +61,7 @@ def map_checkpoint(base_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
     keymap = map_keys(base_shapes, {n: i.shape for n, i in ckpt.infos.items()}, llm_prefix=llm_prefix,
                       ckpt_dtypes={n: i.dtype for n, i in ckpt.infos.items()})
     keymap.files = {n: i.file.name for n, i in ckpt.infos.items()}
+    refuse_unmergeable({k: ckpt.infos[k].dtype for k in keymap.llm}, str(ckpt.path))
     return keymap
 
 

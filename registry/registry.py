@@ -16,6 +16,8 @@ from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from mmer_cl.errors import MmerError
+from mmer_cl.faults import fault_point
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                               VersionRecord)
 from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
@@ -26,7 +28,7 @@ CURRENT = "current"
 BUSY_TIMEOUT_MS = 30_000
 
 
-class RegistryError(Exception):
+class RegistryError(MmerError):
     """A registry lookup or change cannot be done; the message says what to do."""
 
 
@@ -35,6 +37,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 
@@ -77,6 +80,23 @@ class Registry:
     def _tx(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             yield s
+            s.flush()
+            fault_point("registry.before_commit")
+        fault_point("registry.after_commit")
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the key/value ``meta`` table (None when unset)."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as s:
+            row = s.get(Meta, key)
+            if row is None:
+                s.add(Meta(key=key, value=value))
+            else:
+                row.value = value
 
     @staticmethod
     def _event(s: Session, actor: str, action: str, subject: str, before: str, after: str,

@@ -32,7 +32,8 @@ SPARSE_TRY_ZERO_FRACTION = 1 / 3
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
+    "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -87,6 +88,8 @@ def _pack(header: dict, *parts: bytes) -> bytes:
 
 def encode_with(t: torch.Tensor, codec: str) -> bytes:
     """Encode ``t`` with a named codec."""
+    if t.dtype not in _NAMES:
+        raise CodecError(f"tensors of dtype {t.dtype} cannot be stored")
     header = {"codec": codec, "dtype": _NAMES[t.dtype], "shape": list(t.shape)}
     if codec == "raw":
         return _pack(header, _zstd(_raw_bytes(t).tobytes()))
@@ -105,7 +108,7 @@ def encode(t: torch.Tensor) -> bytes:
     """Encode with the codec that suits ``t`` (see module docstring)."""
     if t.dtype == torch.bool:
         return encode_with(t, "bits")
-    if not t.is_floating_point():
+    if not t.is_floating_point() or t.element_size() == 1:  # integers and 8-bit floats: verbatim bytes
         return encode_with(t, "raw")
     dense = encode_with(t, "planes")
     if t.numel() and float((t == 0).float().mean()) >= SPARSE_TRY_ZERO_FRACTION:

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
-from mmer_cl.dtypes import is_float_code
-from mmer_cl.errors import KeyMappingError, MmerError
+from mmer_cl import identity
+from mmer_cl.dtypes import is_float_code, refuse_unmergeable
+from mmer_cl.errors import KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion import expand_tensor
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
@@ -46,6 +48,7 @@ from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.task_vector import task_vector
+from mmer_cl.writer import fsync_dir
 from registry import (CURRENT, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Registry,
                       RegistryError, VersionRecord, sqlite_url)
 from storage import Batch, BlobStore, decode, encode
@@ -132,18 +135,38 @@ class VerifiedBase:
 class Store:
     """A directory holding ``registry.db`` and ``objects/``; see the module docstring."""
 
-    def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None):
+    def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None, *,
+                 create: bool = False):
+        """Open the store at ``root``; the identity checks of :mod:`mmer_cl.identity` run first.
+
+        ``create=True`` (used by :meth:`init`) may create the registry, but only where no store data exists.
+        """
         self.root = Path(root)
         self.blobs = BlobStore(self.root)
-        self.registry = Registry(url or sqlite_url(self.root / DB_NAME))
+        url = url or sqlite_url(self.root / DB_NAME)
+        found = identity.check_before_open(self.blobs, url, url if not url.startswith("sqlite:///")
+                                           else str(self.root / DB_NAME), create)
+        try:
+            self.registry = Registry(url)
+        except SQLAlchemyError as exc:
+            raise StoreDamagedError(f"cannot open the registry {url}: {str(exc).splitlines()[0]}. "
+                                    + identity.restore_advice(url)) from None
+        try:
+            self.store_id = identity.settle(self.blobs, self.registry, found, self._lock)
+        except BaseException:
+            self.registry.close()
+            raise
         self.device = device or default_device()
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path, url: str | None = None, **kw) -> "Store":
         root = Path(root)
-        if url is None and not (root / DB_NAME).exists():
+        if url is None and not root.is_dir():
             raise StoreError(f"no mmer store at {root}; create one with `mmer init --base PATH` "
+                             "(or Store.init) or point --store / MMER_STORE at an existing one")
+        if url is None and not (root / DB_NAME).exists() and not (root / "objects").exists():
+            raise StoreError(f"no mmer store at {root} (no {DB_NAME}); create one with `mmer init --base PATH` "
                              "(or Store.init) or point --store / MMER_STORE at an existing one")
         return cls(root, url, **kw)
 
@@ -154,6 +177,9 @@ class Store:
         root = Path(root)
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
         ckpt = Checkpoint(base)
+        refuse_unmergeable({n: i.dtype for n, i in ckpt.infos.items() if i.is_float}, f"base {base}")
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} is a file, not a store directory; choose another --store")
         tensors = []
         for i, (name, info) in enumerate(ckpt.infos.items(), start=1):
             t = ckpt.get(name)
@@ -162,7 +188,8 @@ class Store:
                 progress(i, len(ckpt.infos), name)
         fingerprint = checkpoint_fingerprint((t.name, t.shape, t.dtype, t.sha256) for t in tensors)
         root.mkdir(parents=True, exist_ok=True)
-        store = cls(root, url, **kw)
+        store = cls(root, url, create=True, **kw)
+        fsync_dir(root)
         with store._lock():
             store.registry.add_base(base_name, str(Path(base).resolve()), fingerprint, tensors,
                                     actor or default_actor())
@@ -438,7 +465,14 @@ class Store:
         keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
         if "config.json" not in aux:
             raise StoreError(f"entry {name!r} has no config.json; use export() and load it yourself")
-        config_dict = json.loads(aux["config.json"])
+        try:
+            config_dict = json.loads(aux["config.json"])
+            if not isinstance(config_dict, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"the config.json stored with entry {name!r} is not valid JSON ({exc}); export the "
+                             "entry with `mmer export` and fix config.json there, or register a corrected "
+                             "checkpoint under a new name") from None
         model_type = config_dict.pop("model_type", None)
         if model_class is not None and getattr(model_class, "config_class", None) is not None:
             config = model_class.config_class(**config_dict)
@@ -479,6 +513,7 @@ class Store:
     def gc(self, actor: str | None = None):
         """Delete blobs no row references (left by crashes); logged in the audit trail."""
         with self._lock():
+            identity.verify(self.blobs, self.registry, self.store_id)
             result = self.blobs.gc(self.registry.blob_owners())
             self.registry.record(actor or default_actor(), "gc", "objects", "", f"-{result.removed} blobs",
                                  {"removed": result.removed, "freed_bytes": result.freed_bytes,

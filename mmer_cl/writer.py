@@ -31,6 +31,18 @@ from mmer_cl.errors import MmerError
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that renames and new files inside it survive a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: name, shape and safetensors dtype code (``F32``, ``BF16``, ``BOOL`` ...)."""

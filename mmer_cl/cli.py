@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 import click
 
-from mmer_cl.errors import MmerError
+from mmer_cl.errors import MmerError, StoreDamagedError
+from mmer_cl.failures import describe_failure
 from mmer_cl.params import MergeParams
 from mmer_cl.report import format_report, human_bytes
 from mmer_cl.store import Store
@@ -22,6 +26,7 @@ from registry import RegistryError
 from storage import BlobError
 
 ENV_STORE = "MMER_STORE"
+ENV_DEBUG = "MMER_DEBUG"
 DEFAULT_STORE = "mmer-store"
 
 
@@ -61,7 +66,8 @@ def _jsonable(obj):
 
 
 def emit_json(obj) -> None:
-    click.echo(json.dumps(_jsonable(obj), indent=2))
+    """Strict JSON (no NaN/Infinity): inputs are validated so that such values cannot arise."""
+    click.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
 
 
 @dataclasses.dataclass
@@ -79,17 +85,20 @@ class Ctx:
 
 
 class MmerGroup(click.Group):
-    """Turns the project's exceptions into messages and exit codes."""
+    """Turns every failure into a message and an exit code (see :mod:`mmer_cl.failures`)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (MmerError, RegistryError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except BlobError as exc:
-            click.echo(f"failure: {exc}", err=True)
-            sys.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
+            debug = bool(ctx.params.get("debug")) or os.environ.get(ENV_DEBUG, "") not in ("", "0")
+            if debug:
+                traceback.print_exc()
+            message, code = describe_failure(exc)
+            click.echo(message, err=True)
+            sys.exit(code)
 
 
 @click.group(cls=MmerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -99,9 +108,12 @@ class MmerGroup(click.Group):
               "your user name).")
 @click.option("--db-url", envvar="MMER_DB_URL", help="SQLAlchemy URL of the registry (default: SQLite in the store).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--debug", is_flag=True, envvar=ENV_DEBUG, help=f"Show the traceback of a failure (or set {ENV_DEBUG}=1), "
+              "for bug reports.")
 @click.version_option(package_name="mmer-cl")
 @click.pass_context
-def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, quiet: bool) -> None:
+def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, quiet: bool,
+        debug: bool) -> None:
     """mmer: give one base LLM many modalities, without training (MMER).
 
     Fine-tuned multimodal models of one base are registered into a store;
@@ -307,7 +319,8 @@ def remove(obj: Ctx, name: str, base: str | None) -> None:
 @click.option("--text", is_flag=True, help="Export the merged text-only LLM (base + merged) instead.")
 @click.option("--version", "version", help="Version number or alias [current].")
 @click.option("--no-mask", is_flag=True, help="Use the whole merged LLM, not the entry's mask (plain-merge baseline).")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it holds an earlier mmer export (never anything "
+              "else: not the store, a base, a registered source or a directory containing them).")
 @click.option("--max-shard-size", help="Largest shard, e.g. 500MB, 5GB [like the registered checkpoint].")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
@@ -330,10 +343,10 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
     with obj.open() as store, obj.progress("exporting") as bar:
         if text:
             store.export_text(out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
-                              progress=bar)
+                              progress=bar, actor=obj.actor)
         else:
             store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
-                         use_mask=not no_mask, progress=bar)
+                         use_mask=not no_mask, progress=bar, actor=obj.actor)
     click.echo(f"wrote {out_dir}")
 
 
@@ -391,13 +404,25 @@ def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
     Example:
       mmer audit --check-base
     """
-    with obj.open() as store, obj.progress("verifying") as bar:
+    try:
+        store = obj.open()
+    except StoreDamagedError as exc:  # the database itself is a finding, like a damaged blob
+        if as_json:
+            emit_json({"ok": False, "checked": 0, "damaged": [], "dangling": [], "base_problems": [],
+                       "database_problems": [str(exc)], "unreferenced": 0})
+        else:
+            click.echo(f"PROBLEM registry: {exc}")
+        sys.exit(1)
+    with store, obj.progress("verifying") as bar:
         rep = store.audit(check_base=check_base, progress=bar)
     if as_json:
         emit_json({"ok": rep.ok, **_jsonable(rep)})
     else:
         for d in rep.damaged:
-            click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {', '.join(d.owners)}")
+            shown = "; ".join(d.owners[:5]) + (f"; and {len(d.owners) - 5} more" if len(d.owners) > 5 else "")
+            click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {shown}")
+        for p in rep.database_problems:
+            click.echo(f"PROBLEM registry: {p}")
         for p in rep.dangling + rep.base_problems:
             click.echo(f"PROBLEM {p}")
         if rep.ok:
@@ -440,10 +465,13 @@ def gc(obj: Ctx) -> None:
     with obj.open() as store:
         result = store.gc(obj.actor)
     click.echo(f"removed {result.removed} blobs ({human_bytes(result.freed_bytes)}), "
-               f"{result.temp_files} temp files")
+               f"{result.temp_files} temp files, {result.partial_exports} partial exports")
 
 
 def main() -> None:
+    # A file-size limit (ulimit -f) must end in EFBIG, a message and exit 1, not a kill by SIGXFSZ.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli(prog_name="mmer")
 
 

@@ -243,3 +243,17 @@ def verify(blobs, registry, store_id: str) -> None:
             f"store identity check failed (registry: {db_id}, blob marker: {marker}, opened as: {store_id}); "
             "refusing to delete anything. Point --store / --db-url at the matching registry and objects. "
             + restore_advice(str(registry.url)))
+
+
+def database_problems(registry) -> list[str]:
+    """What is wrong with the registry database itself (``PRAGMA integrity_check`` on SQLite); [] when sound."""
+    path = sqlite_path(str(registry.url))
+    try:
+        with registry.engine.connect() as conn:
+            if path is None:
+                conn.execute(text("SELECT 1"))
+                return []
+            rows = [r[0] for r in conn.execute(text("PRAGMA integrity_check")).fetchall()]
+    except SQLAlchemyError as exc:
+        return [f"cannot check the registry database: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"]
+    return [] if rows == ["ok"] else [f"integrity_check: {r}" for r in rows[:20]]

@@ -18,6 +18,7 @@ recorded sha256 whenever it is read.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import getpass
 import json
@@ -39,6 +40,7 @@ from mmer_cl import identity
 from mmer_cl.dtypes import is_float_code, refuse_unmergeable
 from mmer_cl.errors import KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion import expand_tensor
+from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_leftovers
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
@@ -98,10 +100,11 @@ class AuditReport:
     dangling: list[str]
     base_problems: list[str]
     unreferenced: int
+    database_problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.dangling or self.base_problems)
+        return not (self.damaged or self.dangling or self.base_problems or self.database_problems)
 
 
 def llm_shapes(tensors: Iterable[BaseTensor]) -> dict[str, tuple[int, ...]]:
@@ -429,27 +432,59 @@ class Store:
             scale=member.scale if use_mask else 1.0)
         return keymap, tensors, aux, entry
 
+    def _protected(self) -> list[Protected]:
+        """Paths no export may replace or contain: the store, every base and every entry's source."""
+        found = [Protected(self.root, "the mmer store", inside=True)]
+        db = identity.sqlite_path(self.registry.url)
+        if db is not None:
+            found.append(Protected(db.parent, "the directory of the store's registry", inside=db.parent == self.root))
+        found += [Protected(Path(b.source_path), f"the base model {b.name!r}") for b in self.registry.bases()]
+        for b in self.registry.bases():
+            found += [Protected(Path(e.source_path), f"the source of entry {e.name!r}")
+                      for e in self.registry.entries(b.id, include_removed=True)]
+        return found
+
+    def _guarded(self, out_dir: str | Path, overwrite: bool, version: VersionRecord, entry: str,
+                 actor: str | None) -> dict:
+        """Check the target, log the export (so gc knows where leftovers may be) and build its marker."""
+        protected = self._protected()
+        check_target(out_dir, overwrite, protected)
+        target = str(Path(os.path.abspath(out_dir)))
+        self.registry.record(actor or default_actor(), "export", target, f"v{version.number}", entry,
+                             {"target": target, "version": version.number, "entry": entry})
+        return {"marker": marker_bytes(store_id=self.store_id, version=version.number, entry=entry),
+                "protected": protected}
+
+    def export_targets(self) -> list[str]:
+        """Every directory an export was ever started into (from the audit log)."""
+        return sorted({e.details.get("target", e.subject) for e in self.registry.events() if e.action == "export"})
+
     def export(self, name: str, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                overwrite: bool = False, max_shard_bytes: int | None = None, use_mask: bool = True,
-               progress: Progress | None = None) -> Path:
+               progress: Progress | None = None, actor: str | None = None) -> Path:
         """Write entry ``name`` reconstructed from a version (default: current) as a checkpoint directory.
 
         Shards hold the same tensors as the registered checkpoint's unless ``max_shard_bytes`` is given.
         ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
-        encoder instead: the plain-merge (NaiveMC-style) baseline.
+        encoder instead: the plain-merge (NaiveMC-style) baseline. ``overwrite`` replaces only an earlier
+        mmer export, never the store, a base or a registered source (see :mod:`mmer_cl.export_guard`).
         """
-        keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
+        v = self.version(version, base)
+        keymap, tensors, aux, _ = self._sources(name, v.number, base, use_mask)
+        guard = self._guarded(out_dir, overwrite, v, name, actor)
         return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                           **layout_of(keymap, max_shard_bytes))
+                           **layout_of(keymap, max_shard_bytes), **guard)
 
     def export_text(self, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                     overwrite: bool = False, max_shard_bytes: int | None = None,
-                    progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None, actor: str | None = None) -> Path:
         """Write the merged text-only LLM ``theta_0 + tau_*`` in the base's layout."""
         v = self.version(version, base)
         vbase = self._verified_base(self.registry.base(base))
         merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
-        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress)
+        guard = self._guarded(out_dir, overwrite, v, "text", actor)
+        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress,
+                                **guard)
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
              model_class=None, device: str | torch.device | None = None, use_mask: bool = True):
@@ -489,8 +524,13 @@ class Store:
 
     # ---- maintenance ---------------------------------------------------------------------
     def audit(self, check_base: bool = False, progress: Progress | None = None) -> AuditReport:
-        """Verify every referenced blob and every row's references (and, optionally, the base)."""
-        owners = self.registry.blob_owners()
+        """Verify the database, every referenced blob and every row's references (and, optionally, the base).
+
+        A damaged blob is reported with every owner, down to the tensor: ``version 3 mask of entry vision,
+        tensor model.layers.0.q_proj.weight``.
+        """
+        database_problems = identity.database_problems(self.registry)
+        owners = self.registry.blob_owners(detailed=True)
         damaged = []
         for step, digest in enumerate(sorted(owners), start=1):
             problem = self.blobs.verify(digest)
@@ -508,16 +548,23 @@ class Store:
                 except MmerError as exc:
                     base_problems.append(str(exc))
         unreferenced = sum(1 for d in self.blobs.digests() if d not in owners)
-        return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced)
+        return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced,
+                           database_problems)
 
     def gc(self, actor: str | None = None):
-        """Delete blobs no row references (left by crashes); logged in the audit trail."""
+        """Delete blobs no row references and partial exports (left by crashes); logged in the audit trail.
+
+        Refused unless the registry and the blob location carry the same store id (see
+        :mod:`mmer_cl.identity`), so a lost or swapped registry can never make gc delete real data.
+        """
         with self._lock():
             identity.verify(self.blobs, self.registry, self.store_id)
             result = self.blobs.gc(self.registry.blob_owners())
+            partial = sum(remove_leftovers(t) for t in self.export_targets())
+            result = dataclasses.replace(result, partial_exports=partial)
             self.registry.record(actor or default_actor(), "gc", "objects", "", f"-{result.removed} blobs",
                                  {"removed": result.removed, "freed_bytes": result.freed_bytes,
-                                  "temp_files": result.temp_files})
+                                  "temp_files": result.temp_files, "partial_exports": partial})
         return result
 
     def report(self, version: int | str | None = None, base: str | None = None, ranks: Sequence[int] = (8, 16, 64),

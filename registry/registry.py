@@ -321,16 +321,28 @@ class Registry:
             return [EventRecord(r.id, r.at, r.actor, r.action, r.subject, r.before, r.after, json.loads(r.details))
                     for r in rows]
 
-    def blob_owners(self) -> dict[str, list[str]]:
-        """Every referenced digest -> who references it (``entry NAME`` or ``version N``)."""
+    def blob_owners(self, detailed: bool = False) -> dict[str, list[str]]:
+        """Every referenced digest -> who references it (``entry NAME`` or ``version N``).
+
+        ``detailed`` names the role and tensor too: ``entry vision own, tensor K`` or
+        ``version 3 mask of entry vision, tensor K``.
+        """
         owners: dict[str, set[str]] = {}
         with Session(self.engine) as s:
-            for digest, name in s.execute(select(EntryBlobRow.digest, EntryRow.name)
-                                          .join(EntryRow, EntryRow.id == EntryBlobRow.entry_id)):
-                owners.setdefault(digest, set()).add(f"entry {name}")
-            for digest, number in s.execute(select(VersionBlobRow.digest, VersionRow.number)
-                                            .join(VersionRow, VersionRow.id == VersionBlobRow.version_id)):
-                owners.setdefault(digest, set()).add(f"version {number}")
+            names = dict(s.execute(select(EntryRow.id, EntryRow.name)).all())
+            for digest, name, role, key in s.execute(
+                    select(EntryBlobRow.digest, EntryRow.name, EntryBlobRow.role, EntryBlobRow.key)
+                    .join(EntryRow, EntryRow.id == EntryBlobRow.entry_id)):
+                owners.setdefault(digest, set()).add(f"entry {name} {role}, tensor {key}" if detailed
+                                                     else f"entry {name}")
+            for digest, number, role, key, entry_id in s.execute(
+                    select(VersionBlobRow.digest, VersionRow.number, VersionBlobRow.role, VersionBlobRow.key,
+                           VersionBlobRow.entry_id).join(VersionRow, VersionRow.id == VersionBlobRow.version_id)):
+                if not detailed:
+                    owners.setdefault(digest, set()).add(f"version {number}")
+                    continue
+                of = f" of entry {names.get(entry_id, entry_id)}" if entry_id is not None else ""
+                owners.setdefault(digest, set()).add(f"version {number} {role}{of}, tensor {key}")
         return {d: sorted(o) for d, o in owners.items()}
 
     def dangling_references(self) -> list[str]:

@@ -67,6 +67,7 @@ class GcResult:
     removed: int
     freed_bytes: int
     temp_files: int
+    partial_exports: int = 0
 
 
 class BlobStore:

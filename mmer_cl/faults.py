@@ -7,7 +7,8 @@ commit, an export half written, ...). When the environment variable
 way ``kill -9`` or a power cut would end it: no ``finally`` block, no atexit
 handler runs. ``MMER_FAULT=NAME@N`` fires at the N-th time the point is
 reached (1-based), so a test can crash in the middle of a long write.
-Without ``MMER_FAULT`` a point costs one dictionary lookup.
+With ``MMER_FAULT_SIGNAL=INT`` the point sends SIGINT instead (Ctrl-C at
+that moment). Without ``MMER_FAULT`` a point costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 
 ENV = "MMER_FAULT"
+ENV_SIGNAL = "MMER_FAULT_SIGNAL"  # "INT": send SIGINT (Ctrl-C) instead of SIGKILL
 
 POINTS = (
     "blob.before_rename", "blob.after_rename",
@@ -36,5 +38,6 @@ def fault_point(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.SIGINT if os.environ.get(ENV_SIGNAL) == "INT" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
 

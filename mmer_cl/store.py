@@ -40,6 +40,7 @@ from mmer_cl import identity
 from mmer_cl.dtypes import is_float_code, refuse_unmergeable
 from mmer_cl.errors import KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion import expand_tensor
+from mmer_cl.faults import fault_point
 from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_leftovers
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
@@ -329,6 +330,7 @@ class Store:
         base_rec = self.registry.base(base)
         actor = actor or default_actor()
         with self._lock():
+            fault_point("remove.before")
             entry = self.registry.entry(base_rec.id, name)
             if not entry.active:
                 raise StoreError(f"entry {name!r} was already removed")
@@ -407,6 +409,7 @@ class Store:
         """Point ``current`` at an earlier (or later) version; nothing is deleted."""
         base_rec = self.registry.base(base)
         with self._lock():
+            fault_point("rollback.before")
             return self.registry.set_alias(base_rec.id, CURRENT, int(number), actor or default_actor())
 
     def history(self, limit: int | None = None) -> list[EventRecord]:

@@ -56,8 +56,15 @@ class Batch:
     created: list[str] = field(default_factory=list)
 
     def put(self, data: bytes) -> str:
-        digest, new = self.store._put(data)
-        if new:
+        digest = sha256(data)
+        existed = self.store._complete(digest, len(data))
+        try:
+            self.store._put(data, digest)
+        except BaseException:  # even when interrupted right after the rename: a new blob is ours to remove
+            if not existed:
+                self.store.path(digest).unlink(missing_ok=True)
+            raise
+        if not existed:
             self.created.append(digest)
         return digest
 
@@ -83,10 +90,14 @@ class BlobStore:
             raise BlobError(f"{digest!r} is not a sha256 digest")
         return self.objects / digest[:2] / digest[2:]
 
-    def _put(self, data: bytes) -> tuple[str, bool]:
-        digest = sha256(data)
+    def _complete(self, digest: str, size: int) -> bool:
         target = self.path(digest)
-        if target.exists() and target.stat().st_size == len(data):
+        return target.exists() and target.stat().st_size == size
+
+    def _put(self, data: bytes, digest: str | None = None) -> tuple[str, bool]:
+        digest = digest or sha256(data)
+        target = self.path(digest)
+        if self._complete(digest, len(data)):
             return digest, False
         target.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
@@ -98,7 +99,7 @@ def _probe_sqlite(path: Path) -> Probe:
         raise StoreDamagedError(f"the registry {path} is not a SQLite database (damaged, truncated or "
                                 f"overwritten; {size} bytes). " + restore_advice(str(path)))
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        con = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise StoreDamagedError(f"cannot open the registry {path}: {exc}. Check its permissions. ") from None
     try:

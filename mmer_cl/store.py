@@ -38,7 +38,7 @@ from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
 from mmer_cl import identity
 from mmer_cl.dtypes import is_float_code, refuse_unmergeable
-from mmer_cl.errors import KeyMappingError, MmerError, StoreDamagedError
+from mmer_cl.errors import ConfigError, KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion import expand_tensor
 from mmer_cl.faults import fault_point
 from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_leftovers
@@ -244,6 +244,10 @@ class Store:
         validate_name(name, "entry name")
         validate_name(modality, "modality")
         validate_name(task, "task")
+        if not (isinstance(max_relative_change, (int, float)) and math.isfinite(max_relative_change)
+                and max_relative_change > 0):
+            raise ConfigError(f"max_relative_change (--max-change) must be a finite number > 0, "
+                              f"got {max_relative_change!r}")
         actor = actor or default_actor()
         base_rec = self.registry.base(base)
         vbase = self._verified_base(base_rec)

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from harness import assert_clean_failure, log_trial, mmer, store_state, tree_digest
+from harness import assert_clean_failure, log_trial, mmer, pick, store_state, tree_digest
 
 
 def limit_file_size(nbytes: int):
@@ -29,7 +29,7 @@ def ops(t):
             "export-replace": ["export", "--text", "--force", t["exports"] / "text"]}
 
 
-@pytest.mark.parametrize("op", ["register", "expand", "export", "export-replace"])
+@pytest.mark.parametrize("op", pick(["register", "export-replace"], ["register", "expand", "export", "export-replace"]))
 def test_file_size_limit_is_a_message_and_the_store_is_unchanged(trial, op):
     before = store_state(trial["store"])
     text = tree_digest(trial["exports"] / "text")
@@ -58,7 +58,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-@pytest.mark.parametrize("op", ["register", "expand"])
+@pytest.mark.parametrize("op", pick(["expand"], ["register", "expand"]))
 def test_a_full_tmpfs_is_a_message_and_the_store_is_unchanged(trial, small_tmpfs, op):
     mnt, size = small_tmpfs
     store = mnt / "store"

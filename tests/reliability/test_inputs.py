@@ -248,3 +248,10 @@ def test_debug_shows_the_traceback_for_bug_reports(trial, monkeypatch):
     assert "ZeroDivisionError" in out
     debug = CliRunner().invoke(cli, ["--store", str(trial["store"]), "--debug", "versions"])
     assert debug.exit_code == 1 and "Traceback" in debug.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_max_change_must_be_finite_and_positive(trial, value):
+    refused(run(trial["store"], "register", trial["speech"], "--name", "speech", "--modality", "speech",
+                "--max-change", value), "max-change", codes=(2,))
+    log_trial("inputs", f"register --max-change {value}", True)

@@ -11,8 +11,14 @@ from __future__ import annotations
 import pytest
 
 from harness import (FULL, log_trial, mmer, partial_leftovers, pick, store_state, tree_digest)
+from mmer_cl.store import Store
 
 OLD = 2  # the prepared store's current version
+
+
+def gc(store) -> None:
+    with Store.open(store) as s:
+        s.gc("reliability")
 
 
 def command(op: str, t: dict) -> tuple[list, set[int], set[str]]:
@@ -43,9 +49,8 @@ FULL_TRIALS = (
     + [(op, p) for op in ("export-new", "export-replace", "export-text") for p in EXPORT]
 )
 REDUCED_TRIALS = [("register", "blob.after_rename@7"), ("expand", "registry.before_commit"),
-                  ("expand", "registry.after_commit"), ("rollback", "registry.before_commit"),
-                  ("remove", "blob.before_rename@1"), ("gc", "gc.mid_delete@2"),
-                  ("export-replace", "export.mid_shard@9"), ("export-text", "export.before_rename")]
+                  ("rollback", "registry.after_commit"), ("remove", "blob.before_rename@1"),
+                  ("gc", "gc.mid_delete@2"), ("export-replace", "export.mid_shard@9")]
 
 
 @pytest.mark.parametrize("op,point", pick(REDUCED_TRIALS, FULL_TRIALS), ids=lambda x: str(x))
@@ -67,7 +72,7 @@ def test_kill_9_leaves_a_consistent_store(trial, op, point):
         for name, digest in exports.items():
             assert tree_digest(trial["exports"] / name) == digest, f"export {name} changed"
 
-        assert mmer(trial["store"], "gc").returncode == 0
+        gc(trial["store"])
         cleaned = store_state(trial["store"])
         assert cleaned["ok"] and cleaned["unreferenced"] == 0, cleaned
         assert partial_leftovers(trial["exports"]) == []

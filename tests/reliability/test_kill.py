@@ -55,7 +55,7 @@ REDUCED_TRIALS = [("register", "blob.after_rename@7"), ("expand", "registry.befo
 
 @pytest.mark.parametrize("op,point", pick(REDUCED_TRIALS, FULL_TRIALS), ids=lambda x: str(x))
 def test_kill_9_leaves_a_consistent_store(trial, op, point):
-    ok = False
+    ok, killed = False, None
     try:
         args, currents, new_entries = command(op, trial)
         before = store_state(trial["store"])
@@ -63,6 +63,7 @@ def test_kill_9_leaves_a_consistent_store(trial, op, point):
 
         result = mmer(trial["store"], *args, env={"MMER_FAULT": point})
         assert result.returncode in (-9, 0), result.stderr  # 0: the point was not reached on this path
+        killed = result.returncode == -9
         assert "Traceback" not in result.stderr
 
         after = store_state(trial["store"])
@@ -86,7 +87,7 @@ def test_kill_9_leaves_a_consistent_store(trial, op, point):
             assert store_state(trial["store"])["ok"]
         ok = True
     finally:
-        log_trial("kill", f"{op} {point}", ok)
+        log_trial("kill", f"{op} {point} ({'killed' if killed else 'not reached' if killed is False else '?'})", ok)
 
 
 def test_ctrl_c_mid_expand_exits_130_and_leaves_the_store_as_it_was(trial):

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import click
 
-from mmer_cl.errors import MmerError, StoreDamagedError
+from mmer_cl.errors import StoreDamagedError
 from mmer_cl.failures import describe_failure
 from mmer_cl.params import MergeParams
 from mmer_cl.report import format_report, human_bytes
 from mmer_cl.store import Store
-from registry import RegistryError
-from storage import BlobError
 
 ENV_STORE = "MMER_STORE"
 ENV_DEBUG = "MMER_DEBUG"
@@ -108,8 +106,8 @@ class MmerGroup(click.Group):
               "your user name).")
 @click.option("--db-url", envvar="MMER_DB_URL", help="SQLAlchemy URL of the registry (default: SQLite in the store).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@click.option("--debug", is_flag=True, envvar=ENV_DEBUG, help=f"Show the traceback of a failure (or set {ENV_DEBUG}=1), "
-              "for bug reports.")
+@click.option("--debug", is_flag=True, envvar=ENV_DEBUG,
+              help=f"Show the traceback of a failure (or set {ENV_DEBUG}=1), for bug reports.")
 @click.version_option(package_name="mmer-cl")
 @click.pass_context
 def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, quiet: bool,

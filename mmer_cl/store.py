@@ -148,8 +148,7 @@ class Store:
         self.root = Path(root)
         self.blobs = BlobStore(self.root)
         url = url or sqlite_url(self.root / DB_NAME)
-        found = identity.check_before_open(self.blobs, url, url if not url.startswith("sqlite:///")
-                                           else str(self.root / DB_NAME), create)
+        found = identity.check_before_open(self.blobs, url, str(identity.sqlite_path(url) or url), create)
         try:
             self.registry = Registry(url)
         except SQLAlchemyError as exc:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from harness import log_trial, snapshot_files

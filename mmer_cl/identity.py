@@ -159,7 +159,7 @@ def read_marker_id(blobs) -> str | None:
         return store_id
     except (ValueError, KeyError, TypeError, AttributeError):
         raise StoreDamagedError(
-            f"the store marker in {blobs.objects} is damaged ({raw[:60]!r}); it names the store its blobs "
+            f"the store marker in {_where(blobs)} is damaged ({raw[:60]!r}); it names the store its blobs "
             "belong to. Restore it from a backup, or rewrite it with the store id from the registry's meta "
             "table (key store_id) as {\"store_id\": \"...\"}.") from None
 
@@ -179,11 +179,11 @@ def check_before_open(blobs, url: str, where: str, create: bool) -> Probe:
     if found.state == "ok" and (found.store_id or found.bases):
         return found
     marker = read_marker_id(blobs)
-    if marker is not None or blobs.has_blobs():
+    if marker is not None or _has_blobs(blobs):
         what = f"a store marker (store id {marker})" if marker else "blobs"
         why = found.why_absent or f"{where} holds no base, entry or version"
         raise StoreDamagedError(
-            f"this is an existing store ({blobs.objects} holds {what}) but its registry is missing or empty: "
+            f"this is an existing store ({_where(blobs)} holds {what}) but its registry is missing or empty: "
             f"{why}. " + restore_advice(where))
     if found.state == "absent" and not create:
         raise MmerError(f"no mmer store here: {found.why_absent}. Create one with `mmer init --base PATH`"
@@ -204,24 +204,32 @@ def settle(blobs, registry, found: Probe, lock: Callable[[], AbstractContextMana
             if marker is not None and not _owns_blobs(blobs, registry):
                 raise StoreDamagedError(
                     f"the registry at {registry.url} carries no store id and references none of the blobs in "
-                    f"{blobs.objects}, which belong to store {marker}. Point --store / --db-url at matching "
+                    f"{_where(blobs)}, which belong to store {marker}. Point --store / --db-url at matching "
                     "registry and objects. " + restore_advice(str(registry.url)))
             db_id = marker or new_store_id()
             registry.set_meta(META_KEY, db_id)
         if marker is None:
-            if blobs.has_blobs() and not _owns_blobs(blobs, registry):
+            if _has_blobs(blobs) and not _owns_blobs(blobs, registry):
                 raise StoreDamagedError(
-                    f"the registry (store {db_id}) references none of the blobs in {blobs.objects}, which carry "
+                    f"the registry (store {db_id}) references none of the blobs in {_where(blobs)}, which carry "
                     "no store marker: registry and objects do not belong together. Point --store / --db-url at "
                     "the matching pair, or restore the objects from a backup.")
             blobs.write_marker(marker_bytes(db_id))
             marker = db_id
         if marker != db_id:
             raise StoreDamagedError(
-                f"the registry belongs to store {db_id} but {blobs.objects} belongs to store {marker}: they are "
+                f"the registry belongs to store {db_id} but {_where(blobs)} belongs to store {marker}: they are "
                 "from different stores, and using them together could delete blobs. Point --store / --db-url at "
                 "the matching pair. " + restore_advice(str(registry.url)))
         return db_id
+
+
+def _has_blobs(blobs) -> bool:
+    return next(iter(blobs.digests()), None) is not None
+
+
+def _where(blobs) -> str:
+    return str(getattr(blobs, "objects", None) or getattr(blobs, "root", "the blob store"))
 
 
 def _owns_blobs(blobs, registry) -> bool:

@@ -17,11 +17,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mmer_cl.errors import MmerError
+from mmer_cl.faults import fault_point
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BlobError(Exception):
+class BlobError(MmerError):
     """A blob is missing or its bytes no longer match its name."""
+
+    exit_code = 1
+
+
+MARKER_NAME = "mmer-store.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256(data: bytes) -> str:
@@ -36,8 +56,15 @@ class Batch:
     created: list[str] = field(default_factory=list)
 
     def put(self, data: bytes) -> str:
-        digest, new = self.store._put(data)
-        if new:
+        digest = sha256(data)
+        existed = self.store._complete(digest, len(data))
+        try:
+            self.store._put(data, digest)
+        except BaseException:  # even when interrupted right after the rename: a new blob is ours to remove
+            if not existed:
+                self.store.path(digest).unlink(missing_ok=True)
+            raise
+        if not existed:
             self.created.append(digest)
         return digest
 
@@ -47,6 +74,7 @@ class GcResult:
     removed: int
     freed_bytes: int
     temp_files: int
+    partial_exports: int = 0
 
 
 class BlobStore:
@@ -62,10 +90,14 @@ class BlobStore:
             raise BlobError(f"{digest!r} is not a sha256 digest")
         return self.objects / digest[:2] / digest[2:]
 
-    def _put(self, data: bytes) -> tuple[str, bool]:
-        digest = sha256(data)
+    def _complete(self, digest: str, size: int) -> bool:
         target = self.path(digest)
-        if target.exists() and target.stat().st_size == len(data):
+        return target.exists() and target.stat().st_size == size
+
+    def _put(self, data: bytes, digest: str | None = None) -> tuple[str, bool]:
+        digest = digest or sha256(data)
+        target = self.path(digest)
+        if self._complete(digest, len(data)):
             return digest, False
         target.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
@@ -74,7 +106,10 @@ class BlobStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            fault_point("blob.before_rename")
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
+            fault_point("blob.after_rename")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -121,11 +156,40 @@ class BlobStore:
             return "missing" if "missing" in str(exc) else "damaged"
         return None
 
+    # ---- the store's identity marker (see mmer_cl.identity) ------------------------------
+    def read_marker(self) -> bytes | None:
+        """The identity marker at the root of the blob location, or None when there is none."""
+        try:
+            return (self.objects / MARKER_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_marker(self, data: bytes) -> None:
+        """Write (atomically, durably) the identity marker at the root of the blob location."""
+        target = self.objects / MARKER_NAME
+        fd, tmp = tempfile.mkstemp(dir=self.objects, prefix=".tmp-marker-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+            _fsync_dir(self.objects)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def has_blobs(self) -> bool:
+        """Whether any blob is stored (cheaper than listing them all)."""
+        return next(self.digests(), None) is not None
+
     def digests(self) -> Iterator[str]:
+        """Every stored blob's digest (the marker and temp files are not blobs)."""
         for sub in sorted(self.objects.iterdir()):
-            if sub.is_dir():
+            if sub.is_dir() and len(sub.name) == 2:
                 for f in sorted(sub.iterdir()):
-                    if not f.name.startswith("."):
+                    if not f.name.startswith(".") and _DIGEST.match(sub.name + f.name):
                         yield sub.name + f.name
 
     def gc(self, referenced: Iterable[str]) -> GcResult:
@@ -138,7 +202,8 @@ class BlobStore:
                 freed += p.stat().st_size
                 p.unlink()
                 removed += 1
-        for tmp in self.objects.glob("*/.tmp-*"):
+                fault_point("gc.mid_delete")
+        for tmp in [*self.objects.glob("*/.tmp-*"), *self.objects.glob(".tmp-marker-*")]:
             tmp.unlink(missing_ok=True)
             temps += 1
         return GcResult(removed, freed, temps)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mmer_cl.dtypes import is_float_code
+from mmer_cl.dtypes import DTYPES, all_finite, is_float_code
 from mmer_cl.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,6 +56,12 @@ def _pickle_error(path: Path, found: list[Path]) -> CheckpointError:
     )
 
 
+def _plain_file_name(name: str) -> bool:
+    """A shard name the index may use: one path component, no separators, not absolute, not a dot name."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name and not name.startswith("/") and Path(name).name == name
+
+
 def _weight_files(path: Path) -> list[Path]:
     """The safetensors files that make up the checkpoint at ``path``."""
     if path.is_file():
@@ -72,6 +78,14 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (weight_map must map tensor names "
+                                  "to shard file names); re-save the checkpoint")
+        bad = sorted({f for f in weight_map.values() if not _plain_file_name(f)})
+        if bad:
+            raise CheckpointError(
+                f"{index} names shard(s) outside the checkpoint directory: {', '.join(map(repr, bad[:3]))}. "
+                "Shards must be plain file names beside the index; fix the index or re-save the checkpoint.")
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -79,6 +93,12 @@ def _weight_files(path: Path) -> list[Path]:
                 f"{index} lists shard(s) that are missing: {', '.join(missing)}. "
                 "Copy or download the complete checkpoint, then try again."
             )
+        unlisted = sorted(p.name for p in path.glob("*.safetensors") if p not in files)
+        if unlisted:
+            raise CheckpointError(
+                f"{path} holds .safetensors file(s) that {INDEX_NAME} does not list: {', '.join(unlisted)}. "
+                "Their tensors would be silently left out: fix the index (or re-save the checkpoint), or move "
+                "the extra files out of the directory.")
         return files
     if (path / SINGLE_NAME).exists():
         return [path / SINGLE_NAME]
@@ -109,7 +129,13 @@ class Checkpoint:
                         if name in self.infos:
                             raise CheckpointError(f"tensor {name} appears in two shards of {self.path}; "
                                                   "re-save the checkpoint")
-                        self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), file)
+                        code = sl.get_dtype()
+                        if code not in DTYPES:
+                            raise CheckpointError(
+                                f"tensor {name} in {file} has dtype {code}, which mmer-cl does not support "
+                                f"(supported: {', '.join(DTYPES)}). Convert it (e.g. save_pretrained with "
+                                "torch_dtype=torch.bfloat16) and try again.")
+                        self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), code, file)
             except CheckpointError:
                 raise
             except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -134,8 +160,8 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name} is not in checkpoint {self.path}")
         with safe_open(str(info.file), framework="pt", device="cpu") as f:
             tensor = f.get_tensor(name)
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if check_finite and not all_finite(tensor):
+            bad = int((~torch.isfinite(tensor.float())).sum())
             raise CheckpointError(
                 f"tensor {name} in {info.file} has {bad} NaN/Inf value(s). The checkpoint is damaged or "
                 "the fine-tune diverged; fix or re-export it before registering."

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from mmer_cl.errors import MmerError
+from mmer_cl.errors import StoreDamagedError
+from mmer_cl.failures import describe_failure
 from mmer_cl.table import Right, human_bytes, render_table
 
 if TYPE_CHECKING:
@@ -28,9 +32,10 @@ if TYPE_CHECKING:
 
 ENV_STORE = "MMER_STORE"
 ENV_OBJECTS = "MMER_OBJECTS"
+ENV_DEBUG = "MMER_DEBUG"
 DEFAULT_STORE = "mmer-store"
 GLOBAL_VALUE_OPTIONS = ("--store", "--actor", "--db-url", "--objects")
-GLOBAL_FLAGS = ("-q", "--quiet")
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
@@ -107,7 +112,8 @@ def _jsonable(obj):
 
 
 def emit_json(obj) -> None:
-    click.echo(json.dumps(_jsonable(obj), indent=2))
+    """Strict JSON (no NaN/Infinity): inputs are validated so that such values cannot arise."""
+    click.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
 
 
 @dataclasses.dataclass
@@ -129,7 +135,8 @@ class Ctx:
 
 
 class MmerGroup(click.Group):
-    """Turns the project's exceptions into messages and exit codes; accepts global options anywhere."""
+    """Turns every failure into a message and an exit code (see :mod:`mmer_cl.failures`); accepts global
+    options anywhere."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(args))
@@ -137,17 +144,15 @@ class MmerGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except Exception as exc:  # the project's error classes are imported only when something failed
-            from registry import RegistryError
-            from storage import BlobError
-
-            if isinstance(exc, (MmerError, RegistryError)):
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(2)
-            if isinstance(exc, BlobError):
-                click.echo(f"failure: {exc}", err=True)
-                sys.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
+            debug = bool(ctx.params.get("debug")) or os.environ.get(ENV_DEBUG, "") not in ("", "0")
+            if debug:
+                traceback.print_exc()
+            message, code = describe_failure(exc)
+            click.echo(message, err=True)
+            sys.exit(code)
 
 
 def parse_tags(pairs: tuple[str, ...]) -> dict:
@@ -171,10 +176,12 @@ def parse_tags(pairs: tuple[str, ...]) -> dict:
               f"the store; or set {ENV_OBJECTS}). S3 credentials come from the standard AWS environment/config.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output, for the commands that list or show.")
+@click.option("--debug", is_flag=True, envvar=ENV_DEBUG,
+              help=f"Show the traceback of a failure (or set {ENV_DEBUG}=1), for bug reports.")
 @click.version_option(package_name="mmer-cl", message="%(prog)s (mmer-cl) %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, objects: str | None,
-        quiet: bool, as_json: bool) -> None:
+        quiet: bool, as_json: bool, debug: bool) -> None:
     """mmer: give one base LLM many modalities, without training (MMER).
 
     Fine-tuned multimodal models of one base are registered into a store;
@@ -451,7 +458,8 @@ def remove(obj: Ctx, name: str, base: str | None) -> None:
 @click.option("--text", is_flag=True, help="Export the merged text-only LLM (base + merged) instead.")
 @click.option("--version", "version", help="Version number or alias [current].")
 @click.option("--no-mask", is_flag=True, help="Use the whole merged LLM, not the entry's mask (plain-merge baseline).")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it holds an earlier mmer export (never anything "
+              "else: not the store, a base, a registered source or a directory containing them).")
 @click.option("--max-shard-size", help="Largest shard, e.g. 500MB, 5GB [like the registered checkpoint].")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
@@ -474,10 +482,10 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
     with obj.open() as store, obj.progress("exporting") as bar:
         if text:
             store.export_text(out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
-                              progress=bar)
+                              progress=bar, actor=obj.actor)
         else:
             store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
-                         use_mask=not no_mask, progress=bar)
+                         use_mask=not no_mask, progress=bar, actor=obj.actor)
     click.echo(f"wrote {out_dir}")
 
 
@@ -549,13 +557,25 @@ def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
     Example:
       mmer audit --check-base
     """
-    with obj.open() as store, obj.progress("verifying") as bar:
+    try:
+        store = obj.open()
+    except StoreDamagedError as exc:  # the database itself is a finding, like a damaged blob
+        if as_json:
+            emit_json({"ok": False, "checked": 0, "damaged": [], "dangling": [], "base_problems": [],
+                       "database_problems": [str(exc)], "unreferenced": 0})
+        else:
+            click.echo(f"PROBLEM registry: {exc}")
+        sys.exit(1)
+    with store, obj.progress("verifying") as bar:
         rep = store.audit(check_base=check_base, progress=bar)
     if as_json or obj.json:
         emit_json({"ok": rep.ok, **_jsonable(rep)})
     else:
         for d in rep.damaged:
-            click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {', '.join(d.owners)}")
+            shown = "; ".join(d.owners[:5]) + (f"; and {len(d.owners) - 5} more" if len(d.owners) > 5 else "")
+            click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {shown}")
+        for p in rep.database_problems:
+            click.echo(f"PROBLEM registry: {p}")
         for p in rep.dangling + rep.base_problems:
             click.echo(f"PROBLEM {p}")
         if rep.ok:
@@ -598,7 +618,7 @@ def gc(obj: Ctx) -> None:
     with obj.open() as store:
         result = store.gc(obj.actor)
     click.echo(f"removed {result.removed} blobs ({human_bytes(result.freed_bytes)}), "
-               f"{result.temp_files} temp files")
+               f"{result.temp_files} temp files, {result.partial_exports} partial exports")
 
 
 @cli.group(cls=click.Group, invoke_without_command=True)
@@ -749,6 +769,9 @@ def diff(obj: Ctx, v1: str, v2: str | None, base: str | None, as_json: bool) -> 
 
 
 def main() -> None:
+    # A file-size limit (ulimit -f) must end in EFBIG, a message and exit 1, not a kill by SIGXFSZ.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli(prog_name="mmer")
 
 

@@ -15,6 +15,7 @@ import torch
 
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.dtypes import DTYPES
+from mmer_cl.export_guard import Protected
 from mmer_cl.keymap import KeyMap
 from mmer_cl.prefetch import prefetched
 from mmer_cl.reconstruct import reconstruct
@@ -64,14 +65,14 @@ def identity_keymap(base: Checkpoint) -> KeyMap:
 def write_merged_llm(out_dir: str | Path, base: Checkpoint, base_source: TensorSource, merged: TensorSource,
                      overwrite: bool = False, max_shard_bytes: int | None = None,
                      progress: Progress | None = None, metadata: dict[str, str] | None = None,
-                     extra_files: Mapping[str, bytes] | None = None) -> Path:
+                     extra_files: Mapping[str, bytes] | None = None, **guard) -> Path:
     """Write the text-only merged LLM ``theta_0 + tau_*`` in the base's own layout and files."""
     keymap = identity_keymap(base)
     tensors = reconstructed_tensors(keymap, base=base_source, merged=merged, mask=None, own=base_source)
     aux = {p.name: p for p in base.aux_files()}
     aux.update(extra_files or {})
     return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                       metadata=metadata, **layout_of(keymap, max_shard_bytes))
+                       metadata=metadata, **layout_of(keymap, max_shard_bytes), **guard)
 
 
 def layout_of(keymap: KeyMap, max_shard_bytes: int | None) -> dict:
@@ -90,15 +91,18 @@ def write_model(
     progress: Progress | None = None,
     groups: Sequence[Sequence[str]] | None = None,
     metadata: dict[str, str] | None = None,
+    marker: bytes | None = None,
+    protected: Sequence[Protected] = (),
 ) -> Path:
     """Write a Hugging Face style checkpoint directory atomically, one tensor at a time.
 
     ``specs`` lists every tensor in the order ``tensors`` yields them;
     ``groups`` (tensor names per shard) reproduces a known shard layout;
     ``aux_files`` maps file name -> bytes or a path to copy (config.json,
-    tokenizer files, ...); ``metadata`` goes into every shard's safetensors header.
+    tokenizer files, ...); ``metadata`` goes into every shard's safetensors header. ``marker`` and
+    ``protected``: see :mod:`mmer_cl.export_guard`.
     """
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, marker=marker, protected=protected) as tmp:
         for name, content in aux_files.items():
             target = tmp / Path(name).name
             if isinstance(content, Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import asdict, dataclass, field
 
@@ -38,8 +39,18 @@ class MergeParams:
             raise ConfigError(f"unknown merge method {self.method!r}; choose one of {sorted(MERGE_METHODS)}")
         if self.mask_rule not in MASK_RULES:
             raise ConfigError(f"unknown mask rule {self.mask_rule!r}; choose one of {list(MASK_RULES)}")
+        for field_name in ("density", "alpha", "lam"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                label = "lambda" if field_name == "lam" else field_name
+                raise ConfigError(f"{label} must be a finite number, got {value!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or isinstance(self.seed, bool) \
+                or not isinstance(self.seed, int):
+            raise ConfigError(f"k and seed must be integers, got k={self.k!r}, seed={self.seed!r}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 (it scales the merged vector), got {self.alpha}")
         if self.lam < 0:
             raise ConfigError(f"lambda must be >= 0, got {self.lam}")
         if self.k < 1:

@@ -22,11 +22,12 @@ from typing import Sequence
 import torch
 
 from mmer_cl.checkpoint import Checkpoint
-from mmer_cl.dtypes import CODES, DTYPES
+from mmer_cl.dtypes import CODES, DTYPES, refuse_unmergeable
 from mmer_cl.precision import working_dtype
 from mmer_cl.device import default_device
 from mmer_cl.errors import ConfigError, MmerError
 from mmer_cl.expansion import expand_tensor
+from mmer_cl.export_guard import Protected, marker_bytes
 from mmer_cl.export import Progress, layout_of, reconstructed_tensors, write_merged_llm, write_model
 from mmer_cl.keymap import KeyMap, map_keys
 from mmer_cl.masks import emr_rescale
@@ -50,7 +51,8 @@ class PreparedModel:
 
 
 def base_llm_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Shapes of the base's float tensors: the ones merging works on."""
+    """Shapes of the base's float tensors: the ones merging works on (8-bit floats are refused)."""
+    refuse_unmergeable({n: i.dtype for n, i in base.infos.items() if i.is_float}, f"base {base.path}")
     return {n: i.shape for n, i in base.infos.items() if i.is_float}
 
 
@@ -60,6 +62,7 @@ def map_checkpoint(base_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
     keymap = map_keys(base_shapes, {n: i.shape for n, i in ckpt.infos.items()}, llm_prefix=llm_prefix,
                       ckpt_dtypes={n: i.dtype for n, i in ckpt.infos.items()})
     keymap.files = {n: i.file.name for n, i in ckpt.infos.items()}
+    refuse_unmergeable({k: ckpt.infos[k].dtype for k in keymap.llm}, str(ckpt.path))
     return keymap
 
 
@@ -103,7 +106,10 @@ def merge_checkpoints(
     kept = [0 for _ in models]
     total = sum(base.infos[k].numel for k in keys)
 
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    protected = [Protected(Path(base_path), "the base checkpoint"),
+                 *(Protected(Path(p), "a fine-tuned checkpoint being merged") for p in model_paths)]
+    with atomic_directory(out_dir, overwrite=overwrite, protected=protected,
+                          marker=marker_bytes(merge_of=names)) as tmp:
         shapes = [(k, base.infos[k].shape) for k in keys]
         merged_specs = [TensorSpec(k, s, CODES[working_dtype(
             DTYPES[base.infos[k].dtype], *(DTYPES[m.checkpoint.infos[lk[k]].dtype] for m, lk in zip(models, lookups)))])
@@ -185,11 +191,18 @@ def export_modality(merge_dir: str | Path, name: str, out_dir: str | Path, overw
         own=lambda k: keymap.modality_part(k, source.get(k)), scale=entry["scale"])
     aux = {p.name: p for p in source.aux_files()}
     return write_model(out_dir, tensors=tensors, aux_files=aux, overwrite=overwrite, progress=progress,
-                       **layout_of(keymap, max_shard_bytes))
+                       **layout_of(keymap, max_shard_bytes), protected=_merge_protected(md, source.path),
+                       marker=marker_bytes(merge_dir=str(md.path), entry=name))
+
+
+def _merge_protected(md: "MergeDirectory", *sources: Path) -> list[Protected]:
+    return [Protected(md.path, "the merge directory", inside=True), Protected(md.base.path, "the base checkpoint"),
+            *(Protected(Path(s), "a source checkpoint") for s in sources)]
 
 
 def export_merged_llm(merge_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
                       progress: Progress | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write the text-only merged LLM ``theta_0 + tau_*`` in the base's own layout."""
     md = MergeDirectory(merge_dir)
-    return write_merged_llm(out_dir, md.base, md.base.get, md.merged.get, overwrite, max_shard_bytes, progress)
+    return write_merged_llm(out_dir, md.base, md.base.get, md.merged.get, overwrite, max_shard_bytes, progress,
+                            protected=_merge_protected(md), marker=marker_bytes(merge_dir=str(md.path), entry="text"))

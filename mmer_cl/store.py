@@ -18,6 +18,7 @@ recorded sha256 whenever it is read.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import math
@@ -28,13 +29,17 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
-from mmer_cl.dtypes import is_float_code
-from mmer_cl.errors import KeyMappingError, MmerError
+from mmer_cl import identity
+from mmer_cl.dtypes import is_float_code, refuse_unmergeable
+from mmer_cl.errors import ConfigError, KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion_plan import (commit_expansion, llm_shapes, plan_expansion, run_plan,
                                     task_vector_sources)
+from mmer_cl.faults import fault_point
+from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_leftovers
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
@@ -48,8 +53,11 @@ from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
 from mmer_cl.task_vector import task_vector
+from mmer_cl.writer import fsync_dir
 from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
+from registry.postgres import normalise_url
+from registry.registry import shown_url
 from storage import Batch, BlobError, BlobStore, TensorReader, encode
 
 DB_NAME = "registry.db"
@@ -117,10 +125,11 @@ class AuditReport:
     dangling: list[str]
     base_problems: list[str]
     unreferenced: int
+    database_problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.dangling or self.base_problems)
+        return not (self.damaged or self.dangling or self.base_problems or self.database_problems)
 
 
 class VerifiedBase:
@@ -157,13 +166,30 @@ class Store:
 
     def __init__(self, root: str | Path, url: str | None = None, device: torch.device | None = None, *,
                  objects: str | Path | None = None, create: bool = False):
+        """Open the store at ``root``; the identity checks of :mod:`mmer_cl.identity` run first.
+
+        ``create=True`` (used by :meth:`init`) may create the registry and the blob location, but only
+        where no store data exists.
+        """
         self.root = Path(root)
         try:
             self.blobs = BlobStore.open(objects, create=create) if objects else BlobStore(self.root, create=create)
         except BlobError as exc:
             raise StoreError(str(exc)) from None
+        url = normalise_url(url or sqlite_url(self.root / DB_NAME))
+        found = identity.check_before_open(self.blobs, url, str(identity.sqlite_path(url) or shown_url(url)),
+                                           create)
+        try:
+            self.registry = Registry(url)
+        except SQLAlchemyError as exc:
+            raise StoreDamagedError(f"cannot open the registry {shown_url(url)}: {str(exc).splitlines()[0]}. "
+                                    + identity.restore_advice(shown_url(url))) from None
+        try:
+            self.store_id = identity.settle(self.blobs, self.registry, found, self._lock)
+        except BaseException:
+            self.registry.close()
+            raise
         self.reader = TensorReader(self.blobs)
-        self.registry = Registry(url or sqlite_url(self.root / DB_NAME))
         self.device = device or default_device()
 
     # ---- opening -------------------------------------------------------------------------
@@ -174,8 +200,11 @@ class Store:
         SQLAlchemy URL, e.g. ``postgresql://host/db``) or ``objects`` (a directory or URL such as
         ``s3://bucket/prefix``) say otherwise. Nothing is created: a mistyped location is an error."""
         root = Path(root)
-        if url is None and not (root / DB_NAME).exists():
+        if url is None and not root.is_dir():
             raise StoreError(f"no mmer store at {root}; create one with `mmer init --base PATH` "
+                             "(or Store.init) or point --store / MMER_STORE at an existing one")
+        if url is None and not (root / DB_NAME).exists() and not (root / "objects").exists():
+            raise StoreError(f"no mmer store at {root} (no {DB_NAME}); create one with `mmer init --base PATH` "
                              "(or Store.init) or point --store / MMER_STORE at an existing one")
         return cls(root, url, objects=objects, **kw)
 
@@ -194,6 +223,9 @@ class Store:
         chosen = base_name
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
         ckpt = Checkpoint(base)
+        refuse_unmergeable({n: i.dtype for n, i in ckpt.infos.items() if i.is_float}, f"base {base}")
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} is a file, not a store directory; choose another --store")
         tensors = []
         for i, (name, info) in enumerate(ckpt.infos.items(), start=1):
             t = ckpt.get(name)
@@ -204,6 +236,8 @@ class Store:
         if url is None or objects is None:  # something lives in the store directory
             root.mkdir(parents=True, exist_ok=True)
         store = cls(root, url, objects=objects, create=True, **kw)
+        if root.is_dir():
+            fsync_dir(root)
         with store._lock():
             same = next((b for b in store.registry.bases() if b.fingerprint == fingerprint), None)
             if same is not None:
@@ -274,6 +308,10 @@ class Store:
         validate_name(modality, "modality")
         validate_name(task, "task")
         tags = validate_tags(tags)
+        if not (isinstance(max_relative_change, (int, float)) and math.isfinite(max_relative_change)
+                and max_relative_change > 0):
+            raise ConfigError(f"max_relative_change (--max-change) must be a finite number > 0, "
+                              f"got {max_relative_change!r}")
         actor = actor or default_actor()
         base_rec = self.registry.base(base)
         vbase = self._verified_base(base_rec)
@@ -406,6 +444,7 @@ class Store:
         base_rec = self.registry.base(base)
         actor = actor or default_actor()
         with self._lock():
+            fault_point("remove.before")
             entry = self.registry.entry(base_rec.id, name)
             if not entry.active:
                 raise StoreError(f"entry {name!r} was already removed")
@@ -451,6 +490,7 @@ class Store:
         """Point ``current`` at an earlier (or later) version (``3``, ``"v3"`` or an alias); nothing is deleted."""
         base_rec = self.registry.base(base)
         with self._lock():
+            fault_point("rollback.before")
             return self.registry.set_alias(base_rec.id, CURRENT, version, actor or default_actor())
 
     # ---- aliases, tags, descriptions (MLflow-style registry conventions) -------------------
@@ -531,30 +571,61 @@ class Store:
             scale=member.scale if use_mask else 1.0)
         return keymap, tensors, aux, entry
 
+    def _protected(self) -> list[Protected]:
+        """Paths no export may replace or contain: the store, every base and every entry's source."""
+        found = [Protected(self.root, "the mmer store", inside=True)]
+        db = identity.sqlite_path(self.registry.url)
+        if db is not None:
+            found.append(Protected(db.parent, "the directory of the store's registry", inside=db.parent == self.root))
+        found += [Protected(Path(b.source_path), f"the base model {b.name!r}") for b in self.registry.bases()]
+        for b in self.registry.bases():
+            found += [Protected(Path(e.source_path), f"the source of entry {e.name!r}")
+                      for e in self.registry.entries(b.id, include_removed=True)]
+        return found
+
+    def _guarded(self, out_dir: str | Path, overwrite: bool, version: VersionRecord, entry: str,
+                 actor: str | None) -> dict:
+        """Check the target, log the export (so gc knows where leftovers may be) and build its marker."""
+        protected = self._protected()
+        check_target(out_dir, overwrite, protected)
+        target = str(Path(os.path.abspath(out_dir)))
+        self.registry.record(actor or default_actor(), "export", target, f"v{version.number}", entry,
+                             {"target": target, "version": version.number, "entry": entry})
+        return {"marker": marker_bytes(store_id=self.store_id, version=version.number, entry=entry),
+                "protected": protected}
+
+    def export_targets(self) -> list[str]:
+        """Every directory an export was ever started into (from the audit log)."""
+        return sorted({e.details.get("target", e.subject) for e in self.registry.events() if e.action == "export"})
+
     def export(self, name: str, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                overwrite: bool = False, max_shard_bytes: int | None = None, use_mask: bool = True,
-               progress: Progress | None = None) -> Path:
+               progress: Progress | None = None, actor: str | None = None) -> Path:
         """Write entry ``name`` reconstructed from a version (default: current) as a checkpoint directory.
 
         Shards hold the same tensors as the registered checkpoint's unless ``max_shard_bytes`` is given.
         ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
-        encoder instead: the plain-merge (NaiveMC-style) baseline.
+        encoder instead: the plain-merge (NaiveMC-style) baseline. ``overwrite`` replaces only an earlier
+        mmer export, never the store, a base or a registered source (see :mod:`mmer_cl.export_guard`).
         """
-        keymap, tensors, aux, entry = self._sources(name, version, base, use_mask)
-        meta, card = self._provenance(version, base, entry, use_mask, aux)
+        v = self.version(version, base)
+        keymap, tensors, aux, entry = self._sources(name, v.number, base, use_mask)
+        meta, card = self._provenance(v.number, base, entry, use_mask, aux)
+        guard = self._guarded(out_dir, overwrite, v, name, actor)
         return write_model(out_dir, tensors=tensors, aux_files={**aux, **card}, overwrite=overwrite,
-                           progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes))
+                           progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes), **guard)
 
     def export_text(self, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                     overwrite: bool = False, max_shard_bytes: int | None = None,
-                    progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None, actor: str | None = None) -> Path:
         """Write the merged text-only LLM ``theta_0 + tau_*`` in the base's layout."""
         v = self.version(version, base)
         vbase = self._verified_base(self.registry.base(base))
         merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
         meta, card = self._provenance(v.number, base, None, False, [p.name for p in vbase.checkpoint.aux_files()])
+        guard = self._guarded(out_dir, overwrite, v, "text", actor)
         return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress,
-                                metadata=meta, extra_files=card)
+                                metadata=meta, extra_files=card, **guard)
 
     def _provenance(self, version: int | str | None, base: str | None, entry: EntryRecord | None, use_mask: bool,
                     files) -> tuple[dict[str, str], dict[str, bytes]]:
@@ -565,7 +636,7 @@ class Store:
         b = self.registry.base(base)
         meta = export_metadata(version=v.number, params=v.params, base_name=b.name, base_fingerprint=b.fingerprint,
                                entry=entry.label if entry else None, revision=entry.revision if entry else None,
-                               use_mask=use_mask, store_id=self.registry.meta_value("store_id"))
+                               use_mask=use_mask, store_id=self.store_id)
         card = model_card(metadata=meta, version=v, base_model=b.name, entry=entry, recipe=v.recipe)
         return meta, {card_name(files): card.encode()}
 
@@ -583,7 +654,14 @@ class Store:
         keymap, tensors, aux, _ = self._sources(name, version, base, use_mask)
         if "config.json" not in aux:
             raise StoreError(f"entry {name!r} has no config.json; use export() and load it yourself")
-        config_dict = json.loads(aux["config.json"])
+        try:
+            config_dict = json.loads(aux["config.json"])
+            if not isinstance(config_dict, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"the config.json stored with entry {name!r} is not valid JSON ({exc}); export the "
+                             "entry with `mmer export` and fix config.json there, or register a corrected "
+                             "checkpoint under a new name") from None
         model_type = config_dict.pop("model_type", None)
         if model_class is not None and getattr(model_class, "config_class", None) is not None:
             config = model_class.config_class(**config_dict)
@@ -607,8 +685,13 @@ class Store:
 
     # ---- maintenance ---------------------------------------------------------------------
     def audit(self, check_base: bool = False, progress: Progress | None = None) -> AuditReport:
-        """Verify every referenced blob and every row's references (and, optionally, the base)."""
-        owners = self.registry.blob_owners()
+        """Verify the database, every referenced blob and every row's references (and, optionally, the base).
+
+        A damaged blob is reported with every owner, down to the tensor: ``version 3 mask of entry vision,
+        tensor model.layers.0.q_proj.weight``.
+        """
+        database_problems = identity.database_problems(self.registry)
+        owners = self.registry.blob_owners(detailed=True)
         damaged = []
         for step, digest in enumerate(sorted(owners), start=1):
             problem = self.blobs.verify(digest)
@@ -627,7 +710,8 @@ class Store:
                     base_problems.append(str(exc))
                 base_problems += self._check_references(b)
         unreferenced = sum(1 for d in self.blobs.digests() if d not in owners)
-        return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced)
+        return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced,
+                           database_problems)
 
     def _check_references(self, base: BaseRecord) -> list[str]:
         """Problems with the checkpoints that entries registered by reference point at."""
@@ -643,12 +727,19 @@ class Store:
         return problems
 
     def gc(self, actor: str | None = None):
-        """Delete blobs no row references (left by crashes); logged in the audit trail."""
+        """Delete blobs no row references and partial exports (left by crashes); logged in the audit trail.
+
+        Refused unless the registry and the blob location carry the same store id (see
+        :mod:`mmer_cl.identity`), so a lost or swapped registry can never make gc delete real data.
+        """
         with self._lock():
+            identity.verify(self.blobs, self.registry, self.store_id)
             result = self.blobs.gc(self.registry.blob_owners())
+            partial = sum(remove_leftovers(t) for t in self.export_targets())
+            result = dataclasses.replace(result, partial_exports=partial)
             self.registry.record(actor or default_actor(), "gc", "objects", "", f"-{result.removed} blobs",
                                  {"removed": result.removed, "freed_bytes": result.freed_bytes,
-                                  "temp_files": result.temp_files})
+                                  "temp_files": result.temp_files, "partial_exports": partial})
         return result
 
     def report(self, version: int | str | None = None, base: str | None = None, ranks: Sequence[int] = (8, 16, 64),

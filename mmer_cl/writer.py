@@ -12,6 +12,8 @@ it into place only when complete, so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -27,8 +29,23 @@ import torch
 from mmer_cl.checkpoint import INDEX_NAME, SINGLE_NAME
 from mmer_cl.dtypes import CODES, ITEM_BYTES
 from mmer_cl.errors import MmerError
+from mmer_cl.export_guard import (MARKER_NAME, PARTIAL_SUFFIX, Protected, check_target, marker_bytes,
+                                  remove_leftovers)
+from mmer_cl.faults import fault_point
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that renames and new files inside it survive a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,7 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._fh.write(memoryview(data.numpy()))
         self._next += 1
+        fault_point("export.mid_shard")
 
     def _close_shard(self) -> None:
         if self._fh is not None:
@@ -143,26 +161,75 @@ class ShardedWriter:
         self._close_shard()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+try:
+    _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+except OSError:  # pragma: no cover - no C library to ask
+    _renameat2 = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux ``renameat2``); False where the system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree_files(directory: Path) -> None:
+    for f in directory.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*(p for p in directory.rglob("*") if p.is_dir()), directory]:
+        fsync_dir(d)
+
+
 @contextmanager
-def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``destination`` only if the block succeeds."""
-    destination = Path(destination)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        if not overwrite:
-            raise MmerError(f"{destination} already exists and is not empty; choose another output "
-                            "directory or pass overwrite=True (--force)")
+def atomic_directory(destination: str | Path, overwrite: bool = False, marker: bytes | None = None,
+                     protected: Sequence[Protected] = ()) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``destination`` only if the block succeeds.
+
+    The rules of :mod:`mmer_cl.export_guard` apply: ``overwrite`` replaces only an earlier mmer export,
+    never ``protected`` paths; leftovers of a crashed export to the same target are removed first. The
+    directory carries ``marker`` (default: a marker without store fields) from its first moment, gets
+    normal permissions (0777 & ~umask for directories; files follow the umask) and is fsynced, renamed
+    into place atomically, and its parent directory fsynced.
+    """
+    destination = Path(os.path.abspath(os.fspath(destination)))
+    remove_leftovers(destination)
+    check_target(destination, overwrite, protected)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        (tmp / MARKER_NAME).write_bytes(marker or marker_bytes())
         yield tmp
+        _fsync_tree_files(tmp)
+        fault_point("export.before_rename")
         if destination.exists():
-            old = destination.with_name(f".{destination.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(destination, old)
-            os.replace(tmp, destination)
-            shutil.rmtree(old, ignore_errors=True)
+            check_target(destination, overwrite, protected)  # still empty or an mmer export?
+            if not exchange(tmp, destination):
+                aside = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX,
+                                              dir=destination.parent))
+                os.replace(destination, aside)  # marked (or empty): a crash here leaves a removable leftover
+                os.replace(tmp, destination)
+                tmp = aside
+            shutil.rmtree(tmp, ignore_errors=True)  # the replaced export
         else:
             os.replace(tmp, destination)
+        fsync_dir(destination.parent)
+        fault_point("export.after_rename")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

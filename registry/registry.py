@@ -18,6 +18,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from mmer_cl.errors import MmerError
+from mmer_cl.faults import fault_point
 from registry import postgres
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Trim,
                               VersionRecord)
@@ -31,7 +33,7 @@ ENTRY, VERSION = "entry", "version"  # what a tag or description is on
 BUSY_TIMEOUT_MS = 30_000
 
 
-class RegistryError(Exception):
+class RegistryError(MmerError):
     """A registry lookup or change cannot be done; the message says what to do."""
 
 
@@ -40,6 +42,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 
@@ -131,6 +134,23 @@ class Registry:
     def _tx(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             yield s
+            s.flush()
+            fault_point("registry.before_commit")
+        fault_point("registry.after_commit")
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the key/value ``meta`` table (None when unset)."""
+        with Session(self.engine) as s:
+            row = s.get(Meta, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as s:
+            row = s.get(Meta, key)
+            if row is None:
+                s.add(Meta(key=key, value=value))
+            else:
+                row.value = value
 
     @staticmethod
     def _event(s: Session, actor: str, action: str, subject: str, before: str, after: str,
@@ -477,16 +497,28 @@ class Registry:
             return [EventRecord(r.id, r.at, r.actor, r.action, r.subject, r.before, r.after, json.loads(r.details))
                     for r in rows]
 
-    def blob_owners(self) -> dict[str, list[str]]:
-        """Every referenced digest -> who references it (``entry NAME`` or ``version N``)."""
+    def blob_owners(self, detailed: bool = False) -> dict[str, list[str]]:
+        """Every referenced digest -> who references it (``entry NAME`` or ``version N``).
+
+        ``detailed`` names the role and tensor too: ``entry vision own, tensor K`` or
+        ``version 3 mask of entry vision, tensor K``.
+        """
         owners: dict[str, set[str]] = {}
         with Session(self.engine) as s:
-            for digest, name in s.execute(select(EntryBlobRow.digest, EntryRow.name)
-                                          .join(EntryRow, EntryRow.id == EntryBlobRow.entry_id)):
-                owners.setdefault(digest, set()).add(f"entry {name}")
-            for digest, number in s.execute(select(VersionBlobRow.digest, VersionRow.number)
-                                            .join(VersionRow, VersionRow.id == VersionBlobRow.version_id)):
-                owners.setdefault(digest, set()).add(f"version {number}")
+            names = dict(s.execute(select(EntryRow.id, EntryRow.name)).all())
+            for digest, name, role, key in s.execute(
+                    select(EntryBlobRow.digest, EntryRow.name, EntryBlobRow.role, EntryBlobRow.key)
+                    .join(EntryRow, EntryRow.id == EntryBlobRow.entry_id)):
+                owners.setdefault(digest, set()).add(f"entry {name} {role}, tensor {key}" if detailed
+                                                     else f"entry {name}")
+            for digest, number, role, key, entry_id in s.execute(
+                    select(VersionBlobRow.digest, VersionRow.number, VersionBlobRow.role, VersionBlobRow.key,
+                           VersionBlobRow.entry_id).join(VersionRow, VersionRow.id == VersionBlobRow.version_id)):
+                if not detailed:
+                    owners.setdefault(digest, set()).add(f"version {number}")
+                    continue
+                of = f" of entry {names.get(entry_id, entry_id)}" if entry_id is not None else ""
+                owners.setdefault(digest, set()).add(f"version {number} {role}{of}, tensor {key}")
         return {d: sorted(o) for d, o in owners.items()}
 
     def dangling_references(self) -> list[str]:

@@ -18,13 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from storage.backends import PAGE_SIZE, Backend, BackendError, open_backend
+from mmer_cl.errors import MmerError
+from mmer_cl.faults import fault_point
+from storage.backends import MARKER_NAME, PAGE_SIZE, Backend, BackendError, open_backend  # noqa: F401
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BlobError(Exception):
+class BlobError(MmerError):
     """A blob is missing or its bytes no longer match its name."""
+
+    exit_code = 1
 
 
 def sha256(data: bytes) -> str:
@@ -57,6 +61,7 @@ class GcResult:
     removed: int
     freed_bytes: int
     temp_files: int
+    partial_exports: int = 0
 
 
 def _key(digest: str) -> str:
@@ -183,6 +188,7 @@ class BlobStore:
                 if digest not in keep:
                     freed += self.backend.delete(_key(digest)) or size
                     removed += 1
+                    fault_point("gc.mid_delete")
         return GcResult(removed, freed, self.backend.remove_temps())
 
     # ---- the marker at the root of the blob location (store identity) -------------------

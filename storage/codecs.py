@@ -38,7 +38,8 @@ _BLOCK = 1 << 16
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
+    "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -168,7 +169,7 @@ def encode(t: torch.Tensor) -> bytes:
     """Encode with the codec that suits ``t`` (see module docstring)."""
     if t.dtype == torch.bool:
         return encode_with(t, "bits")
-    if not t.is_floating_point():
+    if not t.is_floating_point() or t.element_size() == 1:  # integers and 8-bit floats: verbatim bytes
         return encode_with(t, "raw")
     return encode_with(t, "sparse" if zero_fraction(t) >= SPARSE_ZERO_FRACTION else "planes")
 

@@ -50,7 +50,7 @@ def test_full_lifecycle(mmer, family, tmp_path):
 
     assert "ok:" in mmer("audit")
     actions = [e["action"] for e in json.loads(mmer("history", "--json"))]
-    assert actions == ["init", "register", "register", "expand", "register", "expand", "rollback"]
+    assert actions == ["init", "register", "register", "expand", "register", "expand", "rollback", "export", "export"]
 
 
 def test_audit_names_the_corrupted_blob_and_exits_one(mmer, family, tmp_path):

@@ -37,7 +37,7 @@ def downgrade_to_v1(db: Path) -> None:
 
 def exported(store, name, version, out):
     ckpt = Checkpoint(store.export(name, out, version=version))
-    cards = ("README.md", "MMER_CARD.md")  # the card holds the export's time
+    cards = ("README.md", "MMER_CARD.md", ".mmer-export.json")  # the card and the marker hold the export time
     files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.suffix != ".safetensors" and p.name not in cards}
     return {n: ckpt.get(n) for n in ckpt.names()}, files
 

@@ -108,13 +108,17 @@ def test_fine_tune_of_another_base_is_refused(family, tmp_path):
     assert not (tmp_path / "merge").exists(), "nothing half-written"
 
 
-def test_export_refuses_to_overwrite_without_force(family, tmp_path):
+def test_export_refuses_to_overwrite_without_force_and_force_replaces_only_an_export(family, tmp_path):
     merge_dir = merge_checkpoints(family / "base", [family / "vision"], tmp_path / "merge")
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     with pytest.raises(MmerError, match="already exists"):
         export_modality(merge_dir, "vision", target)
+    with pytest.raises(MmerError, match="not written by mmer"):
+        export_modality(merge_dir, "vision", target, overwrite=True)
     assert (target / "keep.txt").read_text() == "mine"
-    export_modality(merge_dir, "vision", target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    export_modality(merge_dir, "vision", tmp_path / "out2")
+    (tmp_path / "out2" / "stale.txt").write_text("from an earlier export")
+    export_modality(merge_dir, "vision", tmp_path / "out2", overwrite=True)
+    assert not (tmp_path / "out2" / "stale.txt").exists() and (tmp_path / "out2" / "config.json").exists()

@@ -176,7 +176,10 @@ def test_audit_names_a_damaged_blob_and_what_it_breaks(store):
     report = store.audit()
     assert not report.ok
     assert [d.digest for d in report.damaged] == [mask.digest]
-    assert report.damaged[0].owners == ["version 1"]
+    owner = store.registry.entries(store.base().id)
+    names = {e.id: e.name for e in owner}
+    assert f"version 1 mask of entry {names[mask.entry_id]}, tensor {mask.key}" in report.damaged[0].owners
+    assert all(o.startswith("version 1 ") and ", tensor " in o for o in report.damaged[0].owners)
 
 
 def test_changed_base_is_detected(family, tmp_path):

@@ -13,8 +13,11 @@ from mmer_cl.store import Store
 from storage import header_of
 
 
+STAMPED = ("README.md", "MMER_CARD.md", ".mmer-export.json")  # the model card and the marker hold the export time
+
+
 def files_of(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.name not in STAMPED}
 
 
 def tensor_bytes_of(directory: Path) -> dict[str, bytes]:

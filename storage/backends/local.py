@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mmer_cl.faults import fault_point  # crash points of the reliability suite (no-ops unless MMER_FAULT is set)
 from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError
 
 TEMP_PREFIX = ".tmp-"
@@ -30,7 +31,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def _atomic_write(target: Path, data: bytes, faults: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -38,11 +39,15 @@ def _atomic_write(target: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; blobs and the marker are readable like any store file
+        if faults:
+            fault_point("blob.before_rename")
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if faults:
+            fault_point("blob.after_rename")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
 
 
 class LocalBackend:
@@ -65,7 +70,7 @@ class LocalBackend:
         if target.exists() and target.stat().st_size == len(data):
             return False
         target.parent.mkdir(exist_ok=True)
-        _atomic_write(target, data)
+        _atomic_write(target, data, faults=True)
         return True
 
     def get(self, key: str) -> bytes:

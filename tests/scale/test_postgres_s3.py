@@ -151,3 +151,23 @@ def test_a_writer_on_another_host_waits_for_the_advisory_lock(family, pg_url, bu
     assert other.returncode == 0, out
     assert [e.name for e in store.entries()] == ["vision"]
     store.close()
+
+
+def test_a_registry_paired_with_another_stores_bucket_is_refused(family, postgres, s3, tmp_path):
+    from mmer_cl.errors import MmerError
+
+    stores = {}
+    for name in ("a", "b"):
+        url = postgres.create_database(f"mmer_pair_{name}_{tmp_path.name[-6:].lower()}")
+        objects = f"s3://{s3.make_bucket(f'mmer-pair-{name}-{abs(hash(tmp_path)) % 10**8}')}/store"
+        Store.init(tmp_path / name, family / "base", url=url, objects=objects).close()
+        stores[name] = (url, objects)
+    with pytest.raises(MmerError, match="belongs to store") as info:
+        Store.open(tmp_path, url=stores["a"][0], objects=stores["b"][1])
+    assert stores["b"][1] in str(info.value)
+    run = cli_runner("--db-url", stores["b"][0].replace("postgres@", "postgres:hunter2@"), "--objects",
+                     stores["a"][1])
+    out = run("entries", code=1)
+    assert "belongs to store" in out and stores["a"][1] in out and "hunter2" not in out
+    with Store.open(tmp_path, url=stores["a"][0], objects=stores["a"][1]) as store:  # the right pair still opens
+        assert store.audit().ok

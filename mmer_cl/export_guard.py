@@ -1,0 +1,131 @@
+"""What an export may write, and what ``--force`` may replace.
+
+Every directory mmer writes (an exported checkpoint, a merge directory)
+carries a marker file, ``.mmer-export.json``: ``{"mmer_export": 1, "store_id",
+"version", "entry" (a name or "text"), "mmer_cl_version", "created_at"}``.
+``--force`` (``overwrite=True``) replaces only a directory holding that marker.
+It never touches:
+
+* any other non-empty directory, or a file, or a symlink;
+* the store (its root, or anything inside it), the base checkpoint directory,
+  any registered entry's source directory, or any directory that *contains*
+  one of those (``export --force .`` from a directory holding the store);
+* ``/`` or the home directory.
+
+An export is built in ``.NAME.<random>.partial`` beside its target and put in
+place by one atomic rename (an atomic exchange when replacing). A crash leaves
+at worst such a partial directory, which the next export to the same target
+and ``mmer gc`` remove; each partial directory carries the marker from its
+first moment, so only directories mmer created are ever removed. ``gc`` learns
+the targets from the ``export`` events of the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from mmer_cl.errors import ExportRefusedError
+
+MARKER_NAME = ".mmer-export.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A path no export may replace, contain or (for ``inside=True``) be placed inside."""
+
+    path: Path
+    what: str
+    inside: bool = False
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def marker_bytes(**fields) -> bytes:
+    from mmer_cl import __version__
+
+    body = {"mmer_export": 1, **fields, "mmer_cl_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat()}
+    return json.dumps(body, indent=2, default=str).encode() + b"\n"
+
+
+def has_marker(directory: Path) -> bool:
+    """Whether ``directory`` (not a symlink) holds a readable mmer export marker."""
+    marker = directory / MARKER_NAME
+    if directory.is_symlink() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("mmer_export") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def default_protected() -> list[Protected]:
+    found = [Protected(Path("/"), "the file system root")]
+    home = os.environ.get("HOME")
+    if home:
+        found.append(Protected(_real(home), "your home directory"))
+    return found
+
+
+def check_target(target: str | Path, overwrite: bool, protected: Iterable[Protected] = ()) -> None:
+    """Raise :class:`ExportRefusedError` unless writing (or, with ``overwrite``, replacing) ``target`` is safe."""
+    raw = Path(os.path.abspath(os.fspath(target)))
+    real = _real(target)
+    for p in [*default_protected(), *protected]:
+        pr = _real(p.path)
+        if real == pr or pr.is_relative_to(real) and real != pr:
+            rel = "is" if real == pr else "contains"
+            raise ExportRefusedError(
+                f"refusing to export to {target}: it {rel} {p.what} ({pr}). Choose a new directory outside it, "
+                "e.g. out/NAME.")
+        if p.inside and real.is_relative_to(pr):
+            raise ExportRefusedError(f"refusing to export to {target}: it is inside {p.what} ({pr}). Choose a "
+                                     "directory outside it.")
+    if raw.is_symlink():
+        raise ExportRefusedError(f"refusing to export to {target}: it is a symbolic link; give the real "
+                                 "directory instead")
+    if not raw.exists():
+        return
+    if not raw.is_dir():
+        raise ExportRefusedError(f"refusing to export to {target}: it is a file, not a directory; choose "
+                                 "another output directory")
+    if not any(raw.iterdir()):
+        return
+    if not overwrite:
+        raise ExportRefusedError(f"{target} already exists and is not empty; choose another output directory, "
+                                 "or pass --force (overwrite=True) to replace an earlier mmer export there")
+    if not has_marker(raw):
+        raise ExportRefusedError(
+            f"refusing to replace {target}: it was not written by mmer (no {MARKER_NAME} in it), and --force only "
+            "replaces earlier mmer exports. Choose another output directory, or move its contents away first.")
+
+
+def partial_dirs(target: Path) -> list[Path]:
+    """``.NAME.*.partial`` directories beside ``target`` that mmer created (marked or still empty)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    found = []
+    for p in parent.glob(f".{target.name}.*{PARTIAL_SUFFIX}"):
+        if p.is_dir() and not p.is_symlink() and (has_marker(p) or not any(p.iterdir())):
+            found.append(p)
+    return sorted(found)
+
+
+def remove_leftovers(target: str | Path) -> int:
+    """Remove what a crashed export to ``target`` left beside it; returns how many directories went."""
+    target = Path(os.path.abspath(os.fspath(target)))
+    removed = 0
+    for p in partial_dirs(target):
+        shutil.rmtree(p, ignore_errors=True)
+        removed += not p.exists()
+    return removed

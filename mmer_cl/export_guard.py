@@ -2,7 +2,8 @@
 
 Every directory mmer writes (an exported checkpoint, a merge directory)
 carries a marker file, ``.mmer-export.json``: ``{"mmer_export": 1, "store_id",
-"version", "entry" (a name or "text"), "mmer_cl_version", "created_at"}``.
+"version", "entry" (a name or "text"), "mmer_cl_version", "version_created_at"}``
+(no export time, so two hosts exporting one version write identical bytes).
 ``--force`` (``overwrite=True``) replaces only a directory holding that marker.
 It never touches:
 
@@ -26,7 +27,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -52,8 +52,7 @@ def _real(path: str | Path) -> Path:
 def marker_bytes(**fields) -> bytes:
     from mmer_cl import __version__
 
-    body = {"mmer_export": 1, **fields, "mmer_cl_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat()}
+    body = {"mmer_export": 1, **fields, "mmer_cl_version": __version__}  # no clock: exports are reproducible
     return json.dumps(body, indent=2, default=str).encode() + b"\n"
 
 

@@ -15,7 +15,6 @@ own card and is kept as it was; mmer's card then goes to ``MMER_CARD.md``.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 CARD = "README.md"
 FALLBACK_CARD = "MMER_CARD.md"
@@ -90,6 +89,6 @@ def model_card(*, metadata: dict[str, str], version, base_model: str, entry=None
     lines += [f"| {mb.entry_name} | {mb.revision} | {mb.mask_density:.1%} |" for mb in version.members]
     lines += ["", "## Provenance", ""]
     lines += [f"- {k}: `{v}`" for k, v in m.items() if k != "params"]
-    lines += [f"- exported: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+    lines += [f"- version created: {version.created_at:%Y-%m-%d %H:%M} UTC",  # not the export time: reproducible
               "", "The same facts are in every weight file's safetensors metadata (keys `mmer.*`).", ""]
     return "\n".join(lines)

@@ -591,7 +591,8 @@ class Store:
         target = str(Path(os.path.abspath(out_dir)))
         self.registry.record(actor or default_actor(), "export", target, f"v{version.number}", entry,
                              {"target": target, "version": version.number, "entry": entry})
-        return {"marker": marker_bytes(store_id=self.store_id, version=version.number, entry=entry),
+        return {"marker": marker_bytes(store_id=self.store_id, version=version.number, entry=entry,
+                                       version_created_at=version.created_at.isoformat()),
                 "protected": protected}
 
     def export_targets(self) -> list[str]:

@@ -102,12 +102,6 @@ class Registry:
         self._check_schema()
         self.migrated = migrated  # schema versions applied on opening (each logged as a `migrate` event)
 
-    def meta_value(self, key: str) -> str | None:
-        """A value of the registry's ``meta`` table (e.g. ``store_id``), None when unset."""
-        with Session(self.engine) as s:
-            row = s.get(Meta, key)
-            return row.value if row else None
-
     def _check_schema(self) -> None:
         with Session(self.engine) as s, s.begin():
             row = s.get(Meta, "schema_version")

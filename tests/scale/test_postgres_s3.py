@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from mmer_cl.locks import advisory_key, advisory_lock, writer_lock
 from mmer_cl.store import Store, StoreError
 from registry import Registry
-from scale.helpers import cli_runner, mmer_process, tree_digest
+from scale.helpers import cli_runner, mmer_process, tree_digest, weights_digest
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
@@ -78,12 +78,12 @@ def test_walkthrough_on_postgresql_and_s3_exports_like_a_local_store(family, pg_
     for entry in ("vision", "audio", "video"):
         remote("export", "--entry", entry, tmp_path / "remote" / entry)
         local("export", "--entry", entry, tmp_path / "local-out" / entry)
-        assert tree_digest(tmp_path / "remote" / entry) == tree_digest(tmp_path / "local-out" / entry)
+        assert weights_digest(tmp_path / "remote" / entry) == weights_digest(tmp_path / "local-out" / entry)
     report = remote("report", "--no-svd", "--ranks", "8")
     assert "On disk" in report and "blobs at their location" in report
     remote("export", "--text", tmp_path / "remote-text")
     local("export", "--text", tmp_path / "local-text")
-    assert tree_digest(tmp_path / "remote-text") == tree_digest(tmp_path / "local-text")
+    assert weights_digest(tmp_path / "remote-text") == weights_digest(tmp_path / "local-text")
 
     # remove + gc on the bucket: nothing referenced goes, and audit stays clean
     remote("remove", "audio")
@@ -117,7 +117,7 @@ def test_two_hosts_register_concurrently_into_one_registry_and_bucket(family, pg
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     a, b = tree_digest(tmp_path / "host-a" / "out"), tree_digest(tmp_path / "host-b" / "out")
-    assert a == b and any(name.endswith(".safetensors") for name in a)
+    assert a == b and any(name.endswith(".safetensors") for name in a)  # every byte, provenance included
     # neither host created a store directory of its own
     assert not (tmp_path / "host-a" / "mmer-store").exists() and not (tmp_path / "host-b" / "mmer-store").exists()
     store = Store.open(tmp_path, url=pg_url, objects=bucket_url)

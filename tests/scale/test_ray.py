@@ -9,7 +9,7 @@ import pytest
 import mmer_cl.expansion_plan as expansion_plan
 from mmer_cl.distributed.ray_expand import DistributedError, RayRunner
 from mmer_cl.store import Store
-from scale.helpers import cli_runner, tree_digest
+from scale.helpers import cli_runner, weights_digest
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def test_ray_expand_is_bit_identical_to_a_local_expand(family, ray_cluster, tmp_
     for entry in ("vision", "audio", "video"):
         local.export(entry, tmp_path / "out-local" / entry)
         distributed.export(entry, tmp_path / "out-ray" / entry)
-        assert tree_digest(tmp_path / "out-local" / entry) == tree_digest(tmp_path / "out-ray" / entry)
+        assert weights_digest(tmp_path / "out-local" / entry) == weights_digest(tmp_path / "out-ray" / entry)
     local.close(), distributed.close()
 
 
@@ -116,7 +116,7 @@ def test_cli_expand_on_ray_with_postgresql_and_s3(family, ray_cluster, pg_url, b
     local("expand")
     remote("export", "--entry", "audio", tmp_path / "a-remote")
     local("export", "--entry", "audio", tmp_path / "a-local")
-    assert tree_digest(tmp_path / "a-remote") == tree_digest(tmp_path / "a-local")
+    assert weights_digest(tmp_path / "a-remote") == weights_digest(tmp_path / "a-local")
 
 
 def test_entries_registered_by_reference_are_read_by_the_workers_from_their_paths(family, ray_cluster, tmp_path):

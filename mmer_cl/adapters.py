@@ -111,6 +111,12 @@ def _drop_meta(module: nn.Module) -> None:
             _drop_meta(child)
 
 
+def _inner(module: nn.Module) -> nn.Module:
+    """The ``*Model`` inside a ``*ForConditionalGeneration`` (or the module itself when built as the bare model)."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
 class LlavaAdapter(FamilyAdapter):
     """transformers' LLaVA (``LlavaForConditionalGeneration``): image features fill ``image_token_id`` positions."""
 
@@ -120,7 +126,7 @@ class LlavaAdapter(FamilyAdapter):
         return config.image_token_id
 
     def features(self, module, config, inputs, dtype):
-        out = module.model.get_image_features(pixel_values=inputs["pixel_values"],
+        out = _inner(module).get_image_features(pixel_values=inputs["pixel_values"],
                                               image_sizes=inputs.get("image_sizes"), return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0).to(dtype)
 
@@ -136,7 +142,7 @@ class Qwen2AudioAdapter(FamilyAdapter):
     def features(self, module, config, inputs, dtype):
         from transformers.masking_utils import create_bidirectional_mask
 
-        m = module.model
+        m = _inner(module)
         input_features = inputs["input_features"]
         feature_mask = inputs.get("feature_attention_mask")
         if feature_mask is None:

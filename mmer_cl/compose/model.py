@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -172,6 +173,11 @@ class ComposedModel(nn.Module):
                 "cache": self.cache.bytes, "total": held + enc + self.cache.bytes}
 
 
+def _model_type(config: bytes | str | dict) -> str | None:
+    d = config if isinstance(config, dict) else json.loads(config)
+    return d.get("model_type")
+
+
 def _llm_class(config):
     import transformers
 
@@ -198,7 +204,7 @@ def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], b
     with parameters_on_meta():
         llm = _llm_class(llm_cfg)(llm_cfg)
     llm.eval()
-    adapters = [adapter_for(config_of(e.config).model_type, e.name) for e in entries]
+    adapters = [adapter_for(_model_type(e.config), e.name) for e in entries]
     base_set = set(base_names)
     params = dict(llm.named_parameters(remove_duplicate=False))
     by_param: dict[str, str] = {}

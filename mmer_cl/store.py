@@ -454,15 +454,17 @@ class Store:
         return model.to(device or self.device).eval()
 
     def compose(self, entries: Sequence[str] | None = None, version: int | str | None = None,
-                text_params: str = "base", *, base: str | None = None, cache_bytes: int | None = None,
-                use_mask: bool = True, progress: Progress | None = None):
+                text_params: str = "merged", *, text_only: str = "base", base: str | None = None,
+                cache_bytes: int | None = None, use_mask: bool = True, progress: Progress | None = None):
         """One in-memory model serving several entries' modalities, mixed inputs included.
 
         Holds the base LLM once, the merged vector once, each entry's mask
         packed and each entry's own encoder and projector; see
         :class:`mmer_cl.compose.ComposedModel`. ``entries`` default to every
         member of the version; ``text_params`` ("base", "merged" or an entry
-        name) is what text tokens of a mixed input run on. ``use_mask=False``
+        name) is what text tokens of a mixed input run on, ``text_only`` what
+        inputs without a modality run on (defaults measured: README,
+        "Expansion"). ``use_mask=False``
         runs every modality on the whole merged LLM (the NaiveMC-style baseline).
         """
         from mmer_cl.compose import DEFAULT_CACHE_BYTES, EntrySource, build_composed
@@ -492,7 +494,7 @@ class Store:
                              "from it")
         return build_composed(config.read_text(), list(vbase.llm_shapes()), vbase.get,
                               self.blob_source(self.registry.version_blobs(v.id, "merged")), sources,
-                              text_params=text_params, use_mask=use_mask, progress=progress,
+                              text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
                               cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
     # ---- maintenance ---------------------------------------------------------------------

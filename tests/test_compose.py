@@ -287,6 +287,16 @@ def test_memory_holds_one_dense_llm_plus_compact_merged_and_masks(qwen_store):
 
 
 # ---- errors -----------------------------------------------------------------------------------
+def test_defaults_text_of_mixed_inputs_on_merged_and_text_only_inputs_on_the_base(qwen_store):
+    from transformers import Qwen2ForCausalLM
+
+    composed = qwen_store.compose()
+    assert (composed.text_params, composed.text_only) == ("merged", "base")
+    t = cb.text_ids(6, 1, 5)
+    plain = Qwen2ForCausalLM.from_pretrained(qwen_store.base().source_path)
+    assert torch.equal(logits(composed, input_ids=t), logits(plain, input_ids=t))
+
+
 def test_text_params_must_name_base_merged_or_a_member(qwen_store):
     with pytest.raises(CompositionError, match="text_params"):
         qwen_store.compose(text_params="speech")

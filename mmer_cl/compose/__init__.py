@@ -5,7 +5,9 @@
 turns its modality input into token embeddings.
 """
 
-from mmer_cl.compose.model import DEFAULT_CACHE_BYTES, ComposedModel, EntrySource, build_composed
+from mmer_cl.compose.model import (DEFAULT_CACHE_BYTES, DEFAULT_TEXT_ONLY, DEFAULT_TEXT_PARAMS, ComposedModel,
+                                   EntrySource, build_composed)
 from mmer_cl.compose.routing import CompositionError
 
-__all__ = ["ComposedModel", "CompositionError", "DEFAULT_CACHE_BYTES", "EntrySource", "build_composed"]
+__all__ = ["ComposedModel", "CompositionError", "DEFAULT_CACHE_BYTES", "DEFAULT_TEXT_ONLY", "DEFAULT_TEXT_PARAMS",
+           "EntrySource", "build_composed"]

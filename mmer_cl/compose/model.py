@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -16,7 +17,8 @@ from mmer_cl.keymap import KeyMap
 
 TensorSource = Callable[[str], torch.Tensor]
 DEFAULT_CACHE_BYTES = 256 * 2**20
-TEXT_CHOICES = ("base", "merged")
+DEFAULT_TEXT_PARAMS = "merged"  # text tokens of a mixed input (measured: README, "Expansion")
+DEFAULT_TEXT_ONLY = "base"  # inputs without any modality
 
 
 @dataclass
@@ -42,12 +44,18 @@ class ComposedModel(nn.Module):
     An input with several modalities is routed per token: each modality's
     tokens through its entry's weights in every LLM layer, the text tokens
     through ``text_params`` ("base", "merged" or an entry name); attention
-    spans the whole sequence. Without modality inputs, everything runs on ``text_params``.
+    spans the whole sequence. An input without modality inputs (text only) runs
+    on ``text_only`` ("base" by default: the base LLM's own text skill, exactly).
+
+    Defaults, from the examples' evidence (README, "Expansion"): text tokens of
+    mixed inputs on "merged" (text on the base drops the mixed task to chance:
+    the answer is predicted at text positions, by text-route weights), text-only
+    inputs on "base" (the lowest held-out perplexity).
     """
 
     def __init__(self, llm: nn.Module, tensors: dict[str, RoutedTensor], entries: Sequence[EntrySource],
                  configs: list, adapters: list[FamilyAdapter], modules: list[nn.Module], router: Router,
-                 text_params: str):
+                 text_params: str = DEFAULT_TEXT_PARAMS, text_only: str = DEFAULT_TEXT_ONLY):
         super().__init__()
         self.llm = llm
         self.tensors = tensors
@@ -61,6 +69,7 @@ class ComposedModel(nn.Module):
         self.route_of = {"base": BASE, "merged": MERGED}
         self.route_of.update({n: i + 2 for i, n in enumerate(self.entry_names)})
         self.text_params = self._check_text(text_params)
+        self.text_only = self._check_text(text_only)
         self._pending: tuple[torch.Tensor, int] | None = None
         llm.register_forward_pre_hook(self._route_hook, with_kwargs=True)
 
@@ -94,7 +103,10 @@ class ComposedModel(nn.Module):
                                    f"(entries: {', '.join(self.entry_names)}); key inputs by entry name")
         text = self._check_text(text_params or self.text_params)
         names = [n for n in self.entry_names if n in inputs]
-        text_route = self.route_of[names[0]] if len(names) == 1 else self.route_of[text]
+        if len(names) == 1:
+            text_route = self.route_of[names[0]]
+        else:
+            text_route = self.route_of[text if names or text_params else self.text_only]
         routes = torch.full(input_ids.shape, text_route, dtype=torch.long)
         placeholders: dict[int, str] = {}
         for n in names:
@@ -159,8 +171,8 @@ class ComposedModel(nn.Module):
             self._pending = None
 
     def text_model(self, text_params: str | None = None) -> nn.Module:
-        """The LLM set to run text-only inputs on ``text_params`` (e.g. for perplexity)."""
-        self.router.set(self.route_of[self._check_text(text_params or self.text_params)])
+        """The bare LLM, set to run on ``text_params`` (default: ``text_only``), e.g. for perplexity."""
+        self.router.set(self.route_of[self._check_text(text_params or self.text_only)])
         return self.llm
 
     # ---- accounting -------------------------------------------------------------------------
@@ -171,6 +183,23 @@ class ComposedModel(nn.Module):
         enc = sum(p.numel() * p.element_size() for p in self.encoders.parameters())
         return {"llm_working": working, "merged_and_masks": held - working, "encoders": enc,
                 "cache": self.cache.bytes, "total": held + enc + self.cache.bytes}
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc); the per-tensor temporaries otherwise fragment the heap and
+    hold resident memory that the composition no longer uses. A no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _model_type(config: bytes | str | dict) -> str | None:
@@ -189,7 +218,8 @@ def _llm_class(config):
 
 
 def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], base: TensorSource,
-                   merged: TensorSource, entries: Sequence[EntrySource], text_params: str = "base",
+                   merged: TensorSource, entries: Sequence[EntrySource], text_params: str = DEFAULT_TEXT_PARAMS,
+                   text_only: str = DEFAULT_TEXT_ONLY,
                    cache_bytes: int = DEFAULT_CACHE_BYTES, use_mask: bool = True,
                    progress: Callable[[int, int, str], None] | None = None) -> ComposedModel:
     """Assemble a :class:`ComposedModel`, reading one LLM tensor at a time from the sources.
@@ -226,6 +256,7 @@ def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], b
             ck = to_ckpt.get(key)
             extras.append(e.own(ck) if ck in e.keymap.resized else None)
         tensors[key] = RoutedTensor(key, base(key), merged(key), masks, scales, extras)
+        release_free_memory()
         if progress:
             progress(step, len(keys), key)
     router = Router(WeightCache(cache_bytes))
@@ -241,4 +272,5 @@ def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], b
         own = {k: e.own(k) for k in e.keymap.modality}
         configs.append(cfg)
         modules.append(adapter.build(cfg, own))
-    return ComposedModel(llm, tensors, entries, configs, adapters, modules, router, text_params)
+    release_free_memory()
+    return ComposedModel(llm, tensors, entries, configs, adapters, modules, router, text_params, text_only)

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from mmer_cl.compose.weights import RoutedTensor, WeightCache
 from mmer_cl.errors import MmerError
@@ -54,6 +53,7 @@ class RoutedLeaf(nn.Module):
         super().__init__()
         self.inner = inner
         self._tensors = tensors
+        self._list = list(tensors.values())
         self._router = router
         for name, rt in tensors.items():  # the module's parameters ARE the working tensors
             inner._parameters[name] = nn.Parameter(rt.working, requires_grad=False)
@@ -80,12 +80,21 @@ class RoutedLeaf(nn.Module):
             if all(rt.resident == route for rt in tensors):
                 return self.inner(x)
         params = {name: rt.get(route, router.cache) for name, rt in self._tensors.items()}
-        return functional_call(self.inner, params, (x,))
+        slots = self.inner._parameters
+        saved = {name: slots[name] for name in params}
+        try:  # run the unchanged module on this route's tensors (cheaper than torch.func.functional_call)
+            slots.update(params)
+            return self.inner(x)
+        finally:
+            slots.update(saved)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = self._router
-        if router.single is not None:
-            return self._run(router.single, x)
+        single = router.single
+        if single is not None:
+            if all(rt.resident == single for rt in self._list):  # the steady state of one-modality decoding
+                return self.inner(x)
+            return self._run(single, x)
         routes = router.routes
         if x.dim() >= 2 and x.shape[0] == routes.shape[0] and x.shape[1] < routes.shape[1]:
             routes = routes[:, routes.shape[1] - x.shape[1]:]  # e.g. lm_head on the last positions only

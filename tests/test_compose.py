@@ -34,8 +34,10 @@ def test_bits_round_trip_for_lengths_that_are_not_multiples_of_eight():
     assert packed.numel() == 126 and torch.equal(unpack_bits(packed, 1003), m)
 
 
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_routed_tensor_serves_every_route_bit_for_bit_as_reconstruct(dtype):
+def test_routed_tensor_serves_every_route_bit_for_bit_as_reconstruct(dtype, chunk, monkeypatch):
+    monkeypatch.setattr("mmer_cl.compose.weights.CHUNK", chunk)  # 64: many chunk boundaries inside the tensor
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(40, 24, generator=gen).to(dtype)
     base[0, :4] = -0.0

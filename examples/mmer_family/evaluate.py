@@ -20,6 +20,7 @@ test split is scored once, with the chosen ones.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def evaluate_seed(ckpt: Path, seed: int, work: Path, grid: Grid, limit: int | No
         log(f"  seed {seed} {method:<15} val {val:.3f}  test " +
             ", ".join(f"{n} {out['test'][method][n]:.3f}" for n in ORDER))
     out["ppl"]["MMER text path (base)"] = out["ppl"]["base"]
+    started = time.process_time()
     out["expansion"] = expansion.evaluate(store, versions, seed_dir, tok, text, windows, limit, log=log)
+    out["expansion"]["cpu_seconds"] = round(time.process_time() - started, 1)
     store.close()
 
     out["continual"] = continual(seed_dir, base_dir, work, MergeParams.from_dict(out["chosen"]["mmer"]),

@@ -34,6 +34,7 @@ from mmer_cl.compose.bits import int_view_dtype, pack_bits, unpack_bits
 from mmer_cl.reconstruct import reconstruct
 
 BASE, MERGED = 0, 1
+CHUNK = 1 << 20  # elements per step when building or toggling (a multiple of 8)
 
 
 class WeightCache:
@@ -83,22 +84,30 @@ class RoutedTensor:
         self.dtype = base.dtype
         self.numel = base.numel()
         self.working = base.detach().contiguous().clone() if base.requires_grad else base.contiguous()
-        nz = merged.reshape(-1) != 0
+        flat_b, flat_m = self.working.view(-1), merged.reshape(-1)
+        nz = flat_m != 0
         self.nz = pack_bits(nz)
-        idx = nz.nonzero().squeeze(1)
-        self.nnz = idx.numel()
-        b = self.working.view(-1)[idx]
-        t = merged.reshape(-1)[idx]
-        applied = reconstruct(b, torch.ones_like(b, dtype=torch.bool), t, 1.0, dtype=self.dtype)
-        iv = int_view_dtype(self.dtype)
-        self.flip = b.view(iv) ^ applied.view(iv)
+        self.nnz = int(nz.sum())
         self.scales = [1.0, 1.0] + [float(s) for s in scales]
-        self.tau = t.clone() if any(s != 1.0 for s in self.scales) else None
+        keep_tau = any(s != 1.0 for s in self.scales)
+        iv = int_view_dtype(self.dtype)
+        flips, taus, sels = [], [], [[] for _ in masks]
+        for start in range(0, self.numel, CHUNK):  # in chunks: the temporaries stay small
+            sl = slice(start, start + CHUNK)
+            nzc = nz[sl]
+            b, t = flat_b[sl][nzc], flat_m[sl][nzc]
+            applied = reconstruct(b, torch.ones_like(b, dtype=torch.bool), t, 1.0, dtype=self.dtype)
+            flips.append(b.view(iv) ^ applied.view(iv))
+            if keep_tau:
+                taus.append(t.clone())
+            for i, m in enumerate(masks):
+                sels[i].append(torch.ones(len(b), dtype=torch.bool) if m is None else m.reshape(-1)[sl][nzc].bool())
+        self.flip = torch.cat(flips) if flips else torch.empty(0, dtype=iv)
+        self.tau = torch.cat(taus) if keep_tau and taus else None
         self.route_bits = [pack_bits(torch.zeros(self.nnz, dtype=torch.bool)),
                            pack_bits(torch.ones(self.nnz, dtype=torch.bool))]
-        for m in masks:
-            sel = torch.ones(self.nnz, dtype=torch.bool) if m is None else m.reshape(-1)[idx].bool()
-            self.route_bits.append(pack_bits(sel))
+        self.route_bits += [pack_bits(torch.cat(sel)) if sel else pack_bits(torch.zeros(0, dtype=torch.bool))
+                            for sel in sels]
         self.extras = [None, None] + list(extras or [None] * len(masks))
         self.resident = BASE
 
@@ -123,13 +132,25 @@ class RoutedTensor:
         return unpack_bits(self.route_bits[route], self.nnz)
 
     def _toggle(self, target: torch.Tensor, src: int, dst: int) -> None:
-        """Turn ``target`` (holding route ``src``, resident-able) into route ``dst`` in place."""
+        """Turn ``target`` (holding route ``src``, resident-able) into route ``dst`` in place.
+
+        Chunk by chunk, the XOR patterns of the positions where the two routes'
+        masks differ are scattered densely (no index arrays) and XORed in.
+        """
         if src == dst or self.nnz == 0:
             return
         diff = self._sel(src) ^ self._sel(dst)
-        pos = self._positions()[diff]
+        flip = torch.where(diff, self.flip, torch.zeros((), dtype=self.flip.dtype))
         flat = target.view(-1).view(self.flip.dtype)
-        flat[pos] ^= self.flip[diff]
+        offset = 0
+        for start in range(0, self.numel, CHUNK):
+            stop = min(start + CHUNK, self.numel)
+            nzc = unpack_bits(self.nz[start // 8:(stop + 7) // 8], stop - start)
+            count = int(nzc.sum())
+            if count:
+                dense = torch.zeros(stop - start, dtype=flip.dtype).masked_scatter_(nzc, flip[offset:offset + count])
+                flat[start:stop].bitwise_xor_(dense)
+            offset += count
 
     def make_resident(self, route: int) -> torch.Tensor:
         """Switch the working tensor to ``route`` (exact, in place) and return it."""

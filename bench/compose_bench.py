@@ -10,10 +10,13 @@ resident memory (VmHWM):
 * ``separate k``: k plain transformers models (``from_pretrained``), k = 1..3;
 * ``composed k``: ``Store.compose`` over k entries, k = 1..3.
 
-Speed (same process as ``separate 1`` / ``composed 3``): greedy ``generate``
-tokens/s on a single-modality input of entry 0 (the plain model of that entry
-against the composition), and on a mixed input carrying images of entries 0
-and 1 (text tokens on the base). Run by hand (minutes; sizes via --hidden etc.):
+* ``speed``: the plain model of entry 0 and a k = 3 composition in ONE process:
+  greedy ``generate`` tokens/s, each in steady state (a warm-up run first),
+  on a single-modality input of entry 0, on a mixed input carrying images of
+  entries 0 and 1 (text tokens on the default), and on the single-modality
+  input right after a mixed one (the weights switch back).
+
+Run by hand (tens of minutes on 2 cores; sizes via --hidden etc.):
 
     python bench/compose_bench.py --work /tmp/mmer-compose-bench
 """

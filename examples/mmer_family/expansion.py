@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmer_family.data import Split
 from mmer_family.model import load_mllm
 from mmer_family.scoring import accuracy, answer_batch, perplexity
 from mmer_family.tasks import TASKS

@@ -684,6 +684,50 @@ class Store:
         model = model_class.from_pretrained(None, config=config, state_dict=state)
         return model.to(device or self.device).eval()
 
+    def compose(self, entries: Sequence[str] | None = None, version: int | str | None = None,
+                text_params: str = "merged", *, text_only: str = "base", base: str | None = None,
+                cache_bytes: int | None = None, use_mask: bool = True, progress: Progress | None = None):
+        """One in-memory model serving several entries' modalities, mixed inputs included.
+
+        Holds the base LLM once, the merged vector once, each entry's mask
+        packed and each entry's own encoder and projector; see
+        :class:`mmer_cl.compose.ComposedModel`. ``entries`` default to every
+        member of the version; ``text_params`` ("base", "merged" or an entry
+        name) is what text tokens of a mixed input run on, ``text_only`` what
+        inputs without a modality run on (defaults measured: README,
+        "Expansion"). ``use_mask=False``
+        runs every modality on the whole merged LLM (the NaiveMC-style baseline).
+        """
+        from mmer_cl.compose import DEFAULT_CACHE_BYTES, EntrySource, build_composed
+
+        base_rec = self.registry.base(base)
+        v = self.version(version, base)
+        names = list(entries) if entries is not None else [m.entry_name for m in v.members]
+        sources = []
+        for name in names:
+            member = v.member(name)
+            if member is None:
+                raise StoreError(f"entry {name!r} is not in version {v.number} (members: "
+                                 f"{', '.join(m.entry_name for m in v.members)}); name another version or entry")
+            entry = self.registry.entry(base_rec.id, name)
+            aux = {r.key: r for r in self.registry.entry_blobs(entry.id, "aux")}
+            if "config.json" not in aux:
+                raise StoreError(f"entry {name!r} has no config.json; a composition needs each entry's config")
+            masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
+            sources.append(EntrySource(name, entry.modality, self.blobs.get(aux["config.json"].digest),
+                                       KeyMap.from_json(entry.keymap),
+                                       self.blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
+                                       member.scale))
+        vbase = self._verified_base(base_rec)
+        config = next((p for p in vbase.checkpoint.aux_files() if p.name == "config.json"), None)
+        if config is None:
+            raise StoreError(f"the base at {base_rec.source_path} has no config.json; a composition builds its LLM "
+                             "from it")
+        return build_composed(config.read_text(), list(vbase.llm_shapes()), vbase.get,
+                              self.blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                              text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
+                              cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+
     # ---- maintenance ---------------------------------------------------------------------
     def audit(self, check_base: bool = False, progress: Progress | None = None) -> AuditReport:
         """Verify the database, every referenced blob and every row's references (and, optionally, the base).

@@ -53,6 +53,19 @@ def test_every_method_scores_every_task_and_the_report_is_written(quick_run):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_expansion_scores_every_system_on_mixed_inputs_and_the_text_paths(quick_run):
+    result = json.loads((quick_run / "out" / "results.json").read_text())["results"][0]
+    exp = result["expansion"]
+    default = f"MMER composed, text on {exp['default_text_params']}"
+    assert set(exp["test"][default]) == {"clean", "noisy", "image masked", "audio masked"}
+    assert any(k.startswith("merged LLM + both encoders") for k in exp["test"])
+    assert all(0.0 <= a <= 1.0 for row in exp["test"].values() for a in row.values())
+    # the composed model's text path on the base IS the base LLM
+    assert exp["ppl"]["base"] == pytest.approx(result["ppl"]["base"], rel=1e-6)
+    assert "## Expansion" in (quick_run / "out" / "results.md").read_text()
+
+
 def test_log_mel_features_have_the_shipped_shape():
     wave = __import__("torch").randn(data.SAMPLE_RATE)
     assert tuple(data.log_mel(wave).shape) == (data.FRAMES, data.N_MELS)

@@ -20,6 +20,7 @@ test split is scored once, with the chosen ones.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmer_cl import MergeParams
 from mmer_cl.store import Store
+from mmer_family import expansion
 from mmer_family.data import Split, shakespeare_heldout
 from mmer_family.model import TinyMLLM, load_base, load_mllm
 from mmer_family.scoring import accuracy, perplexity
@@ -86,6 +88,7 @@ def evaluate_seed(ckpt: Path, seed: int, work: Path, grid: Grid, limit: int | No
     def load(name: str, version: int, use_mask: bool):
         return store.load(name, version=version, model_class=TinyMLLM, device="cpu", use_mask=use_mask)
 
+    versions: dict[str, int] = {}
     for method in METHODS:
         use_mask = method == "mmer"
         best = None
@@ -95,6 +98,7 @@ def evaluate_seed(ckpt: Path, seed: int, work: Path, grid: Grid, limit: int | No
             if best is None or val > best[0]:
                 best = (val, v, params)
         val, v, params = best
+        versions[method] = v
         out["chosen"][method] = params.to_dict()
         out["val"][method] = val
         out["test"][method] = {n: score(load(n, v, use_mask), n, "test") for n in ORDER}
@@ -112,6 +116,9 @@ def evaluate_seed(ckpt: Path, seed: int, work: Path, grid: Grid, limit: int | No
         log(f"  seed {seed} {method:<15} val {val:.3f}  test " +
             ", ".join(f"{n} {out['test'][method][n]:.3f}" for n in ORDER))
     out["ppl"]["MMER text path (base)"] = out["ppl"]["base"]
+    started = time.process_time()
+    out["expansion"] = expansion.evaluate(store, versions, seed_dir, tok, text, windows, limit, log=log)
+    out["expansion"]["cpu_seconds"] = round(time.process_time() - started, 1)
     store.close()
 
     out["continual"] = continual(seed_dir, base_dir, work, MergeParams.from_dict(out["chosen"]["mmer"]),

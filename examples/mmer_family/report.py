@@ -92,6 +92,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         f = e["fidelity"]
         lines.append(f"| {e['name']} | {f['mmer_relative_error']:.3f} | " +
                      " | ".join(f"{v:.3f}" for v in f["svd_lora_relative_error"].values()) + " |")
+    if "expansion" in results[0]:
+        from mmer_family.expansion import markdown as expansion_markdown
+
+        lines += expansion_markdown(results)
     lines += ["", f"Invariant: a single-entry store reconstructs its model exactly: "
               f"{all(r['single_entry_exact'] for r in results)}.", "", f"Reproduce: `{meta['command']}`", ""]
     return "\n".join(lines)

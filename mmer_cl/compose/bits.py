@@ -1,0 +1,26 @@
+"""Packing boolean tensors into bytes (1 bit per element) and back, in plain torch."""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 tensor holding ``mask`` (any shape, flattened) at 8 elements per byte, MSB first."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` booleans held in ``packed`` (the inverse of :func:`pack_bits`), 1-D."""
+    return ((packed.view(-1, 1) >> _SHIFTS) & 1).view(-1)[:numel].bool()
+
+
+def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer type of the same width, to treat float bit patterns as integers."""
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]

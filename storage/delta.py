@@ -32,7 +32,7 @@ from storage.codecs import (bits_payload, dtype_name, numel_of, pack, planes_pay
                             unzstd, zstd)
 
 MAX_DEPTH = 8
-MAX_SUPPORT_FRACTION = 0.6
+MAX_SUPPORT_FRACTION = 0.3  # beyond this a whole blob is about as small and needs no parent
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -142,18 +142,18 @@ def test_mask_packs_hold_full_masks_and_changes_confined_to_a_support(tmp_path):
     assert all(torch.equal(reader.tensor(pack1, k), m) for k, m in masks.items())
 
     merged_old, merged_new = torch.randn(64), torch.randn(64)
-    merged_new[32:] = merged_old[32:]  # only the first half of the merged vector changed
+    merged_new[16:] = merged_old[16:]  # only the first quarter of the merged vector changed
     blob, support = encode_delta(merged_new, merged_old, blobs.put(encode(merged_old)), 0)
     merged_digest = blobs.put(blob)
     second = MaskPackBuilder()
     changed = {}
     for key, m in masks.items():
         new = m.clone().reshape(-1)
-        new[:32] = ~new[:32]  # changes only inside the support
+        new[:16] = ~new[:16]  # changes only inside the support
         changed[key] = new.reshape(8, 8)
         second.add(key, changed[key], parent=(pack1, m, 0), support=(merged_digest, support))
     assert all("parent" in member for member in second.members)
-    assert second.numel == 3 * 32  # only the bits inside the support are stored
+    assert second.numel == 3 * 16  # only the bits inside the support are stored
     pack2 = blobs.put(second.finish())
     assert all(torch.equal(reader.tensor(pack2, k), m) for k, m in changed.items())
 

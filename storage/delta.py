@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.codecs import (bits_payload, dtype_name, numel_of, pack, planes_payload, unbits, unplanes,
+from storage.codecs import (bits_payload, dtype_name, dtype_of, numel_of, pack, planes_payload, unbits, unplanes,
                             unzstd, zstd)
 
 MAX_DEPTH = 8
@@ -209,6 +209,4 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
 
 def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -> torch.Tensor:
     """The new values a ``delta`` blob holds, in support order."""
-    from storage.codecs import dtype_of
-
     return unplanes(parts[1], dtype_of(header["dtype"]), [int(torch.count_nonzero(support))])

@@ -16,8 +16,7 @@ from collections import OrderedDict
 import torch
 
 from storage.blobstore import BlobStore
-from storage.codecs import CodecError, decode_parts, unpack
-from storage.codecs import unbits
+from storage.codecs import CodecError, decode_parts, unbits, unpack
 from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, delta_values,
                            full_mask, linked_digests, member_bits, pack_members)
 

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from mmer_cl import fused
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.masks import compute_masks, masked_abs_sums
 from mmer_cl.merging import TrimThreshold, merge, trim, trim_threshold, trim_part
@@ -120,14 +121,18 @@ def expand_tensor(
     if not taus:
         raise ValueError("expand_tensor needs at least one task vector")
     found: list[TrimThreshold | None] = [None] * len(taus)
+    lams = [params.lam] * len(taus) if lams is None else list(lams)
     if params.incremental:
         known = list(thresholds) if thresholds is not None else [None] * len(taus)
         found = [t if t is not None else trim_threshold(tau, params.density) for tau, t in zip(taus, known)]
+        if fused.applies(taus, params.mask_rule):
+            merged, masks = fused.ties_mmer(taus, found, params.alpha, lams)
+            return TensorExpansion(merged=merged, masks=masks, thresholds=found, abs_sums=[(0.0, 0.0)] * len(taus))
         merged = ties_from_thresholds(taus, found, params.alpha)
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
                        seed=params.tensor_seed(tensor_name))
-    masks = masks_in_pieces(params.mask_rule, taus, merged, params.lam if lams is None else lams, params.k)
+    masks = masks_in_pieces(params.mask_rule, taus, merged, lams, params.k)
     if params.mask_rule == "emr":
         abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]
     else:

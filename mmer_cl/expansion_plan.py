@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mmer_cl.dtypes import is_float_code
@@ -33,8 +34,10 @@ from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
 from mmer_cl.prefetch import prefetched
 from mmer_cl.references import TensorReference, is_reference, read_task_vector
+from mmer_cl.write_behind import write_behind
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import BlobStore, TensorReader, encode
+from storage.codecs import split_nonzero
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
@@ -197,6 +200,7 @@ class _GroupWriter:
         plan, result = self.plan, self.result
         thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
         out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds, lams=self.lams)
+        inputs.taus.clear()  # the masks are computed: free the task vectors before coding the results
         for member, known, found in zip(plan.members, thresholds, out.thresholds):
             if known is None and found is not None:
                 result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
@@ -206,18 +210,19 @@ class _GroupWriter:
             parent, depth = inputs.prev_merged
             coded = encode_delta(merged, parent, job.prev_merged, depth)
         raw = merged.numel() * merged.element_size()
-        nonzero = (merged != 0).reshape(-1)  # masks are ordered by it (see MaskPackBuilder.add)
+        split = split_nonzero(merged.reshape(-1))
+        nonzero = split[0]  # masks are ordered by it (see MaskPackBuilder.add)
         if coded is not None and not bool(coded[1].any()):  # unchanged: the previous blob serves again
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
         else:
-            blob, support = coded if coded is not None else (encode(merged), None)
+            blob, support = coded if coded is not None else (encode(merged, split), None)
             digest = self.put(blob)
             result.refs.append(BlobRef("merged", job.key, digest, len(blob), raw))
         masks = [m.cpu() for m in out.masks]
         parents = []
         for i, mask in enumerate(masks):
-            result.kept[i] += int(torch.count_nonzero(mask))
+            result.kept[i] += int(np.count_nonzero(mask.numpy()))
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
@@ -268,14 +273,16 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
     for g in groups:
         count += len(g)
         ends.add(count)
-    results, writer = [], _GroupWriter(plan, put)
-    for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
-        writer.add(job, inputs)
-        if step in ends:
-            results.append(writer.finish())
-            writer = _GroupWriter(plan, put)
-        if progress:
-            progress(step, len(jobs), job.key)
+    results = []
+    with write_behind(put, depth=1) as put_behind:
+        writer = _GroupWriter(plan, put_behind)
+        for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
+            writer.add(job, inputs)
+            if step in ends:
+                results.append(writer.finish())
+                writer = _GroupWriter(plan, put_behind)
+            if progress:
+                progress(step, len(jobs), job.key)
     return results
 
 

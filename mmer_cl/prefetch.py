@@ -17,23 +17,31 @@ _DONE = object()
 def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     """Yield ``items`` in order while a background thread produces up to ``depth`` ahead.
 
-    An exception in the producer is raised here, at the item where it
-    happened; closing the consumer early stops the producer.
+    "Ahead" counts the item being produced: with ``depth=1`` at most two
+    items exist at once, the one the caller holds and the next one, so
+    memory stays at two tensors' worth. An exception in the producer is
+    raised here, at the item where it happened; closing the consumer early
+    stops the producer.
     """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+    slots: queue.Queue = queue.Queue()
+    permits = threading.Semaphore(depth)  # one per item produced but not yet taken
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            iterator = iter(items)
+            while True:
+                while not permits.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                slots.put((item, None))
+                del item
             slots.put((_DONE, None))
         except BaseException as exc:  # handed to the consumer
             slots.put((_DONE, exc))
@@ -43,6 +51,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     try:
         while True:
             item, error = slots.get()
+            permits.release()
             if error is not None:
                 raise error
             if item is _DONE:

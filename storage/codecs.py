@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import zstandard
 
+from storage import jit, kernels
+
 MAGIC = b"MMT1"
 LEVEL = 3
 SPARSE_ZERO_FRACTION = 1 / 4
@@ -55,6 +57,22 @@ def zstd(data: bytes | memoryview) -> bytes:
 
 def unzstd(data: bytes | memoryview) -> bytes:
     return zstandard.ZstdDecompressor().decompress(data)
+
+
+def unzstd_array(data: bytes | memoryview) -> np.ndarray:
+    """Decompress into a fresh, writable uint8 array (no intermediate ``bytes`` copy where the frame says its size)."""
+    size = zstandard.frame_content_size(data)
+    if size < 0:  # the frame does not record its size
+        return np.frombuffer(unzstd(data), dtype=np.uint8).copy()
+    out = np.empty(size, dtype=np.uint8)
+    view, done = memoryview(out), 0
+    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+        while done < size:
+            got = reader.readinto(view[done:])
+            if not got:
+                raise CodecError("compressed data ends before the size its frame records")
+            done += got
+    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -84,25 +102,42 @@ def _from_bytes(data: bytes | np.ndarray, dtype: torch.dtype, shape: list[int]) 
     return torch.from_numpy(buf).view(dtype).reshape(shape)
 
 
+_WORDS = {2: np.uint16, 4: np.uint32}
+_SPLIT = {2: kernels.split2, 4: kernels.split4}
+_JOIN = {2: kernels.interleave2, 4: kernels.interleave4}
+
+
+def split_planes(raw: np.ndarray, size: int) -> np.ndarray:
+    """A tensor's bytes regrouped as byte planes: (n * size,) -> (size, n)."""
+    n = raw.size // size
+    if size in _SPLIT and jit.enabled():
+        planes = np.empty((size, n), dtype=np.uint8)
+        _SPLIT[size](raw.view(_WORDS[size]), planes)
+        return planes
+    return np.ascontiguousarray(raw.reshape(n, size).T)
+
+
 def planes_payload(t: torch.Tensor) -> bytes:
     """zstd of the tensor's bytes regrouped as byte planes."""
-    size = t.element_size()
-    raw = _raw_bytes(t).reshape(-1, size)
-    return zstd(np.ascontiguousarray(raw.T).data)
+    return zstd(split_planes(_raw_bytes(t), t.element_size()).data)
 
 
 def _interleave(planes: np.ndarray) -> np.ndarray:
-    """Inverse of the plane split: (size, n) -> n * size bytes, block by block (cache friendly)."""
+    """Inverse of the plane split: (size, n) -> n * size bytes."""
     size, n = planes.shape
+    if size in _JOIN and jit.enabled():
+        words = np.empty(n, dtype=_WORDS[size])
+        _JOIN[size](planes, words)
+        return words.view(np.uint8)
     out = np.empty((n, size), dtype=np.uint8)
-    for start in range(0, n, _BLOCK):
+    for start in range(0, n, _BLOCK):  # block by block: cache friendly
         out[start:start + _BLOCK] = planes[:, start:start + _BLOCK].T
     return out.reshape(-1)
 
 
 def unplanes(payload: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     size = torch.empty((), dtype=dtype).element_size()
-    planes = np.frombuffer(unzstd(payload), dtype=np.uint8).reshape(size, -1)
+    planes = unzstd_array(payload).reshape(size, -1)
     return _from_bytes(_interleave(planes), dtype, shape)
 
 
@@ -145,8 +180,11 @@ def numel_of(shape: list[int]) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def encode_with(t: torch.Tensor, codec: str) -> bytes:
-    """Encode ``t`` with a named self-contained codec."""
+Split = tuple[torch.Tensor, torch.Tensor]  # (where a flat tensor is nonzero, its values there): split_nonzero
+
+
+def encode_with(t: torch.Tensor, codec: str, split: Split | None = None) -> bytes:
+    """Encode ``t`` with a named self-contained codec (``sparse`` reuses ``split`` when given)."""
     header = {"codec": codec, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
     if codec == "raw":
         return pack(header, zstd(_raw_bytes(t).data))
@@ -155,23 +193,65 @@ def encode_with(t: torch.Tensor, codec: str) -> bytes:
     if codec == "bits":
         return pack(header, bits_payload(t))
     if codec == "sparse":
-        flat = t.detach().to("cpu").reshape(-1)
-        nonzero = flat != 0
-        return pack(header, bits_payload(nonzero), planes_payload(flat[nonzero]))
+        nonzero, values = split if split is not None else split_nonzero(t.detach().to("cpu").reshape(-1))
+        return pack(header, bits_payload(nonzero), planes_payload(values))
     raise CodecError(f"unknown codec {codec!r}")
+
+
+def int_view(t: torch.Tensor) -> np.ndarray:
+    """A flat CPU tensor's elements as unsigned integers of the same width (every bit kept)."""
+    return t.contiguous().view(torch.uint8).numpy().view(_UINTS[t.element_size()])
+
+
+_UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def split_nonzero(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a flat float tensor is nonzero (``-0.0`` counts as zero) and its values there, in order."""
+    if not jit.enabled() or not flat.numel():
+        nonzero = flat != 0
+        return nonzero, flat[nonzero]
+    words = int_view(flat)
+    every = np.iinfo(words.dtype).max
+    magnitude = np.array([every >> 1 if flat.is_floating_point() else every], dtype=words.dtype)
+    where = np.empty(flat.numel(), dtype=np.bool_)
+    count = kernels.count_nonzero(words, magnitude)
+    picked = np.empty(count + 1, dtype=words.dtype)  # one spare slot (see kernels.nonzero_values)
+    kernels.nonzero_values(words, magnitude, where, picked)
+    return torch.from_numpy(where), from_words(picked[:count], flat.dtype)
+
+
+def from_words(words: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A flat unsigned-integer array as a tensor of ``dtype`` with the same bits."""
+    if not words.size:
+        return torch.empty(0, dtype=dtype)
+    return torch.from_numpy(words).view(dtype)
+
+
+def scatter_into(out: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[where] = values`` on flat CPU tensors (``values`` in position order); returns ``out``."""
+    if jit.enabled() and out.numel() and out.element_size() in _UINTS:
+        kernels.scatter(int_view(out), where.numpy(), int_view(values))
+    else:
+        out[where] = values
+    return out
 
 
 def zero_fraction(t: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
 
 
-def encode(t: torch.Tensor) -> bytes:
-    """Encode with the codec that suits ``t`` (see module docstring)."""
+def encode(t: torch.Tensor, split: Split | None = None) -> bytes:
+    """Encode with the codec that suits ``t`` (see module docstring).
+
+    ``split``, where the caller has it already, is :func:`split_nonzero` of ``t``.
+    """
     if t.dtype == torch.bool:
         return encode_with(t, "bits")
     if not t.is_floating_point() or t.element_size() == 1:  # integers and 8-bit floats: verbatim bytes
         return encode_with(t, "raw")
-    return encode_with(t, "sparse" if zero_fraction(t) >= SPARSE_ZERO_FRACTION else "planes")
+    zeros = 1.0 - split[1].numel() / t.numel() if split is not None and t.numel() else zero_fraction(t)
+    return encode_with(t, "sparse" if zeros >= SPARSE_ZERO_FRACTION else "planes", split)
 
 
 def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
@@ -179,16 +259,15 @@ def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
     dtype, shape, codec = dtype_of(header["dtype"]), header["shape"], header["codec"]
     numel = numel_of(shape)
     if codec == "raw":
-        return _from_bytes(unzstd(parts[0]), dtype, shape)
+        return _from_bytes(unzstd_array(parts[0]), dtype, shape)
     if codec == "planes":
         return unplanes(parts[0], dtype, shape)
     if codec == "bits":
         return unbits(parts[0], numel).reshape(shape)
     if codec == "sparse":
         nonzero = unbits(parts[0], numel)
-        out = torch.zeros(numel, dtype=dtype)
-        out[nonzero] = unplanes(parts[1], dtype, [int(torch.count_nonzero(nonzero))])
-        return out.reshape(shape)
+        values = unplanes(parts[1], dtype, [int(torch.count_nonzero(nonzero))])
+        return scatter_into(torch.zeros(numel, dtype=dtype), nonzero, values).reshape(shape)
     raise CodecError(f"codec {codec!r} needs other blobs to decode; read it through a TensorReader")
 
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.codecs import (bits_payload, dtype_name, dtype_of, numel_of, pack, planes_payload, unbits, unplanes,
-                            unzstd, zstd)
+from storage import jit, kernels
+from storage.codecs import (bits_payload, dtype_name, dtype_of, from_words, int_view, numel_of, pack, planes_payload,
+                            scatter_into, unbits, unplanes, unzstd, zstd)
 
 MAX_DEPTH = 8
 MAX_SUPPORT_FRACTION = 0.3  # beyond this a whole blob is about as small and needs no parent
@@ -47,12 +48,24 @@ def encode_delta(new: torch.Tensor, parent: torch.Tensor, parent_digest: str,
     if parent_depth >= MAX_DEPTH or new.shape != parent.shape or new.dtype != parent.dtype or not new.numel():
         return None
     flat = new.detach().to("cpu").reshape(-1)
-    support = ~same_bits(flat, parent.detach().to("cpu").reshape(-1))
-    if int(torch.count_nonzero(support)) > MAX_SUPPORT_FRACTION * flat.numel():
+    support, values = changed(flat, parent.detach().to("cpu").reshape(-1))
+    if values.numel() > MAX_SUPPORT_FRACTION * flat.numel():
         return None
     header = {"codec": "delta", "dtype": dtype_name(new.dtype), "shape": list(new.shape), "parent": parent_digest,
               "depth": parent_depth + 1}
-    return pack(header, bits_payload(support), planes_payload(flat[support])), support
+    return pack(header, bits_payload(support), planes_payload(values)), support
+
+
+def changed(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where two flat tensors differ bitwise, and ``new``'s values there, in order."""
+    if not jit.enabled() or new.element_size() not in (1, 2, 4, 8):
+        support = ~same_bits(new, old)
+        return support, new[support]
+    words = int_view(new)
+    where = np.empty(new.numel(), dtype=np.bool_)
+    picked = np.empty(new.numel() + 1, dtype=words.dtype)  # one spare slot (see kernels.changed_values)
+    count = kernels.changed_values(words, int_view(old), where, picked)
+    return torch.from_numpy(where), from_words(picked[:count].copy(), new.dtype)
 
 
 def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
@@ -62,12 +75,23 @@ def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
 def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) -> torch.Tensor:
     support = decode_support(header, parts)
     out = parent.detach().to("cpu").reshape(-1).clone()
-    out[support] = delta_values(header, parts, support)
-    return out.reshape(header["shape"])
+    return scatter_into(out, support, delta_values(header, parts, support)).reshape(header["shape"])
 
 
 def _np_bool(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").reshape(-1).numpy().astype(np.bool_, copy=False)
+
+
+def _joined(chunk: list[np.ndarray]) -> np.ndarray:
+    """Up to 8 bool arrays as one byte per position, array ``j`` in bit ``j``."""
+    comb = chunk[0].view(np.uint8).copy()
+    for j, m in enumerate(chunk[1:], start=1):
+        comb |= m.view(np.uint8) << j
+    return comb
+
+
+def _unjoined(picked: np.ndarray, count: int) -> list[np.ndarray]:
+    return [((picked >> j) & 1).view(np.bool_) for j in range(count)]
 
 
 def _select_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarray]:
@@ -75,11 +99,21 @@ def _select_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarr
     out = []
     for start in range(0, len(masks), 8):
         chunk = masks[start:start + 8]
-        comb = chunk[0].view(np.uint8).copy()
-        for j, m in enumerate(chunk[1:], start=1):
-            comb |= m.view(np.uint8) << j
-        picked = comb[where]
-        out += [((picked >> j) & 1).view(np.bool_) for j in range(len(chunk))]
+        out += _unjoined(_joined(chunk)[where], len(chunk))
+    return out
+
+
+def _split_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarray]:
+    """``[concat(m[where], m[~where]) for m in masks]``: each mask's bits, those at ``where`` first."""
+    if not jit.enabled():
+        inside, outside = _select_jointly(masks, where), _select_jointly(masks, ~where)
+        return [np.concatenate([a, b]) for a, b in zip(inside, outside)]
+    out = []
+    for start in range(0, len(masks), 8):
+        chunk = masks[start:start + 8]
+        both = np.empty(where.size, dtype=np.uint8)
+        kernels.split_by(_joined(chunk), where, both)
+        out += _unjoined(both, len(chunk))
     return out
 
 
@@ -115,11 +149,9 @@ def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, tor
     for i, b in zip(deltas, _select_jointly([flats[i] for i in deltas], sup) if deltas else []):
         bits[i] = b
     if wholes and ctx is not None and ctx.size == flats[wholes[0]].size:
-        inside = _select_jointly([flats[i] for i in wholes], ctx)
-        outside = _select_jointly([flats[i] for i in wholes], ~ctx)
-        for i, a, b in zip(wholes, inside, outside):
+        for i, ordered in zip(wholes, _split_jointly([flats[i] for i in wholes], ctx)):
             members[i]["context"] = context[0]
-            bits[i] = np.concatenate([a, b])
+            bits[i] = ordered
     else:
         for i in wholes:
             bits[i] = flats[i]
@@ -191,8 +223,7 @@ def decompress_pack(parts: list[memoryview]) -> bytes:
 
 def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
     out = old.detach().to("cpu").reshape(-1).clone()
-    out[support] = bits
-    return out.reshape(shape)
+    return scatter_into(out, support, bits).reshape(shape)
 
 
 def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,8 +233,12 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
         return bits.reshape(shape)
     out = torch.empty_like(bits)
     inside = int(torch.count_nonzero(context))
-    out[context] = bits[:inside]
-    out[~context] = bits[inside:]
+    if jit.enabled():
+        flat = bits.numpy().view(np.uint8)
+        kernels.merge_by(flat[:inside], flat[inside:], context.numpy(), out.numpy().view(np.uint8))
+    else:
+        out[context] = bits[:inside]
+        out[~context] = bits[inside:]
     return out.reshape(shape)
 
 

@@ -55,3 +55,26 @@ def test_closing_early_stops_the_producer():
     stream.close()
     time.sleep(0.3)
     assert threading.active_count() <= before
+
+
+def test_at_most_the_held_item_and_the_next_one_exist_at_once():
+    alive = set()
+    most = []
+
+    class Item:  # stands for a tensor's decoded inputs: counts how many exist at a time
+        def __init__(self, i):
+            self.i = i
+            alive.add(i)
+            most.append(len(alive))
+
+        def __del__(self):
+            alive.discard(self.i)
+
+    def items():
+        for i in range(20):
+            yield Item(i)
+
+    for item in prefetched(items(), depth=1):
+        time.sleep(0.005)  # the consumer is the slower half, so the producer runs ahead as far as allowed
+        del item
+    assert max(most) <= 2

@@ -1,0 +1,125 @@
+"""The compiled loops (numba) and the plain numpy/torch paths give the same bits.
+
+Every codec and the fused merge run both ways here (``MMER_JIT=0`` turns the
+compiled loops off), on edge cases that trip index arithmetic: empty
+tensors, all zeros, all nonzero, ``-0.0``, a nonzero last element, sizes that
+are not a multiple of any block.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mmer_cl import fused
+from mmer_cl.expansion import masks_in_pieces, ties_from_thresholds
+from mmer_cl.merging import trim_threshold
+from storage import codecs, delta, jit
+
+
+def both_ways(monkeypatch, fn):
+    monkeypatch.setenv("MMER_JIT", "0")
+    plain = fn()
+    monkeypatch.setenv("MMER_JIT", "1")
+    compiled = fn()
+    return plain, compiled
+
+
+def same_bits(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if a.dtype == torch.bool:
+        return b.dtype == torch.bool and torch.equal(a, b)
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def tensors(dtype):
+    g = torch.Generator().manual_seed(0)
+    n = 10_007
+    mostly_zero = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    mostly_zero[torch.rand(n, generator=g) < 0.6] = 0
+    mostly_zero[:3] = -0.0
+    mostly_zero[-1] = 1.5  # a nonzero last element
+    return {
+        "empty": torch.zeros(0, dtype=dtype),
+        "one": torch.ones(1, dtype=dtype),
+        "all zero": torch.zeros(n, dtype=dtype),
+        "negative zeros": torch.full((n,), -0.0, dtype=dtype),
+        "all nonzero": torch.randn(n, generator=g, dtype=torch.float64).to(dtype),
+        "mostly zero": mostly_zero,
+        "zero last": torch.cat([mostly_zero[:-1], torch.zeros(1, dtype=dtype)]),
+    }
+
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_numba_is_installed_so_the_compiled_loops_run():
+    assert jit.enabled()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codecs_round_trip_the_same_bytes_both_ways(monkeypatch, dtype):
+    for name, t in tensors(dtype).items():
+        plain, compiled = both_ways(monkeypatch, lambda: codecs.encode(t))
+        assert plain == compiled, name
+        back = both_ways(monkeypatch, lambda: codecs.decode(plain))
+        assert same_bits(*back), name
+        assert same_bits(back[1], torch.where(t == 0, torch.zeros_like(t), t)), name  # -0.0 is stored as zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonzero_split_scatter_and_change_coding_agree(monkeypatch, dtype):
+    for name, t in tensors(dtype).items():
+        split = both_ways(monkeypatch, lambda: codecs.split_nonzero(t))
+        assert same_bits(*split), name
+        nonzero, values = split[0]
+        refill = both_ways(monkeypatch, lambda: codecs.scatter_into(torch.zeros_like(t), nonzero, values))
+        assert same_bits(*refill), name
+        old = t.clone()
+        old[::7] = 2.0
+        changed = both_ways(monkeypatch, lambda: delta.changed(t, old))
+        assert same_bits(*changed), name
+        if t.numel():
+            blob = both_ways(monkeypatch, lambda: delta.encode_delta(t, old, "0" * 64, 0))
+            assert (blob[0] is None and blob[1] is None) or blob[0][0] == blob[1][0], name
+
+
+def test_masks_ordered_by_a_context_come_back_the_same_both_ways(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    n = 9_001
+    masks = [torch.rand(n, generator=g) < p for p in (0.1, 0.5, 0.9, 0.7, 0.3, 0.2, 0.6, 0.8, 0.4)]  # 9: two bytes
+    context = torch.rand(n, generator=g) < 0.5
+    coded = both_ways(monkeypatch, lambda: delta.code_masks("w", masks, [None] * len(masks), None, ("c" * 64, context)))
+    for (member_a, bits_a), (member_b, bits_b), mask in zip(*coded, masks):
+        assert member_a == member_b and np.array_equal(bits_a, bits_b)
+        back = both_ways(monkeypatch, lambda: delta.full_mask(torch.from_numpy(bits_a.copy()), [n], context))
+        assert torch.equal(back[0], mask) and torch.equal(back[1], mask)
+
+
+@pytest.mark.parametrize("k, alpha, lams, density", [
+    (1, 1.0, [1.0], 0.2),
+    (3, 1.0, [1.0, 1.0, 1.0], 0.2),
+    (3, 0.7, [1.0, 0.8, 1.3], 0.3),
+    (6, 1.0, [1.0] * 6, 1.0),  # density 1 keeps everything (threshold -1)
+])
+def test_the_fused_merge_and_masks_equal_the_torch_path_bit_for_bit(k, alpha, lams, density):
+    g = torch.Generator().manual_seed(k)
+    n = 3 * 4096 + 5  # not a multiple of the kernel's block
+    base = torch.randn(n, generator=g).bfloat16()
+    # bf16 fine-tunes: many task-vector magnitudes tie, so the threshold's tie quota matters
+    taus = [(base + 0.01 * torch.randn(n, generator=g)).bfloat16().float() - base.float() for _ in range(k)]
+    thresholds = [trim_threshold(t, density) for t in taus]
+    assert fused.applies(taus, "mmer")
+    merged, masks = fused.ties_mmer(taus, thresholds, alpha, lams)
+    want = ties_from_thresholds(taus, thresholds, alpha)
+    assert same_bits(merged, want)
+    assert same_bits(masks, masks_in_pieces("mmer", taus, want, lams, 2))
+
+
+def test_the_fused_pass_declines_what_it_does_not_compute():
+    wide = [torch.zeros(4, dtype=torch.float64)]
+    assert not fused.applies(wide, "mmer")  # float64 weights keep the torch path
+    assert not fused.applies([torch.zeros(4)], "emr")

@@ -8,9 +8,12 @@ and refused, with a message, when they would be LLM tensors.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mmer_cl.errors import KeyMappingError
+from storage import jit, kernels
+from storage.codecs import int_view
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -47,10 +50,17 @@ def refuse_unmergeable(dtypes: dict[str, str], where: str) -> None:
             "(e.g. load it and save_pretrained with torch_dtype=torch.bfloat16), then try again.")
 
 
+_EXPONENT_FIELD = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
+                   torch.float64: 0x7FF0000000000000}
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN/Inf (integer and bool tensors always pass; 8-bit floats are widened)."""
     if not t.is_floating_point():
         return True
     if t.element_size() == 1:
         t = t.float()
+    if jit.enabled() and t.dtype in _EXPONENT_FIELD and t.device.type == "cpu" and t.numel():
+        words = int_view(t.detach().reshape(-1))  # a NaN or Inf has every exponent bit set
+        return bool(kernels.none_with_all_bits(words, np.array([_EXPONENT_FIELD[t.dtype]], dtype=words.dtype)))
     return bool(torch.isfinite(t).all())

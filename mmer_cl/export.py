@@ -39,15 +39,19 @@ def reconstructed_tensors(
     all of ``merged``); resized ones get their own extra rows appended;
     modality tensors come verbatim from ``own``.
     """
-    for key in keymap.order:
-        dtype = DTYPES.get(keymap.dtypes.get(key, ""))
+    def read(key: str) -> tuple:
         base_key = keymap.llm.get(key)
         if base_key is None:
-            yield key, own(key)
+            return key, own(key), None, None
+        m = merged(base_key)
+        return key, base(base_key), m, mask(base_key) if mask is not None else None
+
+    for key, b, m, mk in prefetched(read(k) for k in keymap.order):  # decoding runs a tensor ahead
+        if m is None:
+            yield key, b
             continue
-        b, m = base(base_key), merged(base_key)
-        mk = mask(base_key) if mask is not None else torch.ones_like(m, dtype=torch.bool)
-        t = reconstruct(b, mk, m, scale, dtype=dtype)
+        mk = mk if mk is not None else torch.ones_like(m, dtype=torch.bool)
+        t = reconstruct(b, mk, m, scale, dtype=DTYPES.get(keymap.dtypes.get(key, "")))
         if key in keymap.resized:
             t = torch.cat([t, own(key).to(t.device, t.dtype)])
         yield key, t

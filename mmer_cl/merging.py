@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mmer_cl.errors import ConfigError
 from mmer_cl.precision import as_working, common
+from storage import jit
+from storage.jit import kernel
 
 
 def _check(taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,12 +83,45 @@ def _kth_largest(keys: torch.Tensor, k: int) -> int:
         shift -= 16
 
 
+@kernel
+def _threshold_of_float32(words: np.ndarray, k: int, out: np.ndarray) -> None:
+    """``out = (t, ties)``: the k-th largest of ``words & 0x7FFFFFFF`` and how many equal ones trimming keeps.
+
+    Two passes over the data: a histogram of the top 16 bits of the key
+    finds the bin holding the k-th largest, a histogram of the low 15 bits
+    of the keys in that bin finds the key itself.
+    """
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(words.size):
+        high[(words[i] & 0x7FFFFFFF) >> 15] += 1
+    above = 0
+    top = (1 << 16) - 1
+    while above + high[top] < k:
+        above += high[top]
+        top -= 1
+    low = np.zeros(1 << 15, dtype=np.int64)
+    for i in range(words.size):
+        key = words[i] & 0x7FFFFFFF
+        if key >> 15 == top:
+            low[key & 0x7FFF] += 1
+    bottom = (1 << 15) - 1
+    while above + low[bottom] < k:
+        above += low[bottom]
+        bottom -= 1
+    out[0] = (top << 15) | bottom
+    out[1] = k - above
+
+
 def trim_threshold(tau: torch.Tensor, density: float) -> TrimThreshold:
     """The threshold that keeps exactly ``keep_count(numel, density)`` entries of ``tau``."""
     n = tau.numel()
     k = keep_count(n, density)
     if k >= n:
         return TrimThreshold(-1, 0)
+    if jit.enabled() and as_working(tau).dtype == torch.float32 and tau.device.type == "cpu":
+        out = np.zeros(2, dtype=np.int64)
+        _threshold_of_float32(as_working(tau).detach().contiguous().reshape(-1).numpy().view(np.int32), k, out)
+        return TrimThreshold(int(out[0]), int(out[1]))
     keys = sortable_magnitudes(tau)
     t = _kth_largest(keys, k)
     return TrimThreshold(t, k - int(torch.count_nonzero(keys > t)))

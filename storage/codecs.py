@@ -32,7 +32,7 @@ import zstandard
 from storage import jit, kernels
 
 MAGIC = b"MMT1"
-LEVEL = 3
+LEVEL = 1  # measured on task vectors, merged values and masks: smaller than level 3 and twice as fast
 SPARSE_ZERO_FRACTION = 1 / 4
 THREADED_BYTES = 8 * 1024**2  # above this, zstd compresses on every core
 _BLOCK = 1 << 16
@@ -237,6 +237,19 @@ def scatter_into(out: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -
     return out
 
 
+def count_true(mask: torch.Tensor) -> int:
+    """How many entries of a CPU bool tensor are set (numpy's count: single-threaded and fast)."""
+    return int(np.count_nonzero(mask.detach().reshape(-1).numpy()))
+
+
+def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat zero tensor from calloc'd memory (pages zeroed by the OS as they are first written)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if not numel or size not in _UINTS:
+        return torch.zeros(numel, dtype=dtype)
+    return torch.from_numpy(np.zeros(numel, dtype=_UINTS[size])).view(dtype)
+
+
 def zero_fraction(t: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
 
@@ -266,8 +279,8 @@ def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
         return unbits(parts[0], numel).reshape(shape)
     if codec == "sparse":
         nonzero = unbits(parts[0], numel)
-        values = unplanes(parts[1], dtype, [int(torch.count_nonzero(nonzero))])
-        return scatter_into(torch.zeros(numel, dtype=dtype), nonzero, values).reshape(shape)
+        values = unplanes(parts[1], dtype, [count_true(nonzero)])
+        return scatter_into(zeros(numel, dtype), nonzero, values).reshape(shape)
     raise CodecError(f"codec {codec!r} needs other blobs to decode; read it through a TensorReader")
 
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from storage import jit, kernels
-from storage.codecs import (bits_payload, dtype_name, dtype_of, from_words, int_view, numel_of, pack, planes_payload,
-                            scatter_into, unbits, unplanes, unzstd, zstd)
+from storage.codecs import (bits_payload, count_true, dtype_name, dtype_of, from_words, int_view, numel_of, pack,
+                            planes_payload, scatter_into, unbits, unplanes, unzstd, zstd)
 
 MAX_DEPTH = 8
 MAX_SUPPORT_FRACTION = 0.3  # beyond this a whole blob is about as small and needs no parent
@@ -232,7 +232,7 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
     if context is None:
         return bits.reshape(shape)
     out = torch.empty_like(bits)
-    inside = int(torch.count_nonzero(context))
+    inside = count_true(context)
     if jit.enabled():
         flat = bits.numpy().view(np.uint8)
         kernels.merge_by(flat[:inside], flat[inside:], context.numpy(), out.numpy().view(np.uint8))
@@ -244,4 +244,4 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
 
 def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -> torch.Tensor:
     """The new values a ``delta`` blob holds, in support order."""
-    return unplanes(parts[1], dtype_of(header["dtype"]), [int(torch.count_nonzero(support))])
+    return unplanes(parts[1], dtype_of(header["dtype"]), [count_true(support)])

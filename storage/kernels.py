@@ -140,3 +140,16 @@ def merge_by(inside: np.ndarray, outside: np.ndarray, where: np.ndarray, out: np
         out[i] = x if w else y
         a += w
         b += 1 - w
+
+
+@kernel
+def none_with_all_bits(words: np.ndarray, bits: np.ndarray) -> bool:
+    """Whether no word has every bit of ``bits[0]`` set (floats: no NaN/Inf when ``bits`` is the exponent field)."""
+    b = bits[0]
+    for start in range(0, words.size, 4096):  # whole blocks without an early exit vectorise; exit between blocks
+        bad = 0
+        for i in range(start, min(start + 4096, words.size)):
+            bad += (words[i] & b) == b
+        if bad:
+            return False
+    return True

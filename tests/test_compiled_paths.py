@@ -123,3 +123,35 @@ def test_the_fused_pass_declines_what_it_does_not_compute():
     wide = [torch.zeros(4, dtype=torch.float64)]
     assert not fused.applies(wide, "mmer")  # float64 weights keep the torch path
     assert not fused.applies([torch.zeros(4)], "emr")
+
+
+def test_bf16_reconstruction_rounds_like_torch_signed_zeros_and_overflow_included(monkeypatch):
+    from mmer_cl.reconstruct import reconstruct
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * 4096 + 11
+    base = torch.randn(n, generator=g).bfloat16()
+    base[:4] = torch.tensor([-0.0, 0.0, 3.3e38, -3.3e38]).bfloat16()
+    merged = 0.01 * torch.randn(n, generator=g)
+    merged[:4] = torch.tensor([1.0, -1.0, 3e38, -3e38])  # the last two overflow to +-inf in bf16
+    merged[10:20] = -0.0
+    mask = torch.rand(n, generator=g) < 0.7
+    mask[:2] = False
+    plain, compiled = both_ways(monkeypatch, lambda: reconstruct(base, mask, merged))
+    assert same_bits(plain, compiled)
+    assert compiled.dtype == torch.bfloat16 and torch.isinf(compiled[2:4]).all()
+
+
+def test_the_finiteness_check_finds_a_nan_or_inf_anywhere_in_every_float_dtype(monkeypatch):
+    from mmer_cl.dtypes import all_finite
+
+    monkeypatch.setenv("MMER_JIT", "1")
+    for dtype in DTYPES:
+        t = torch.randn(10_000).to(dtype)
+        t[7] = torch.finfo(dtype).max  # large but finite
+        assert all_finite(t)
+        for where in (0, 4095, 4096, 9_999):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                u = t.clone()
+                u[where] = bad
+                assert not all_finite(u), (dtype, where, bad)

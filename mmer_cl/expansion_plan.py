@@ -37,7 +37,7 @@ from mmer_cl.references import TensorReference, is_reference, read_task_vector
 from mmer_cl.write_behind import write_behind
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import BlobStore, TensorReader, encode
-from storage.codecs import split_nonzero
+from storage.codecs import count_true, split_nonzero
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
@@ -186,6 +186,10 @@ def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.
     return prefetched((job, _load(reader, job, device, checkpoints)) for job in jobs)
 
 
+def _same_mask(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a.reshape(-1).numpy(), b.reshape(-1).numpy()))
+
+
 class _GroupWriter:
     """Codes one group's results against the previous version and writes them through ``put``."""
 
@@ -212,7 +216,7 @@ class _GroupWriter:
         raw = merged.numel() * merged.element_size()
         split = split_nonzero(merged.reshape(-1))
         nonzero = split[0]  # masks are ordered by it (see MaskPackBuilder.add)
-        if coded is not None and not bool(coded[1].any()):  # unchanged: the previous blob serves again
+        if coded is not None and not count_true(coded[1]):  # unchanged: the previous blob serves again
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
         else:
@@ -226,7 +230,7 @@ class _GroupWriter:
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
-            if prev is not None and torch.equal(prev[0], mask):  # unchanged: point at the previous pack
+            if prev is not None and _same_mask(prev[0], mask):  # unchanged: point at the previous pack
                 result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
                                            plan.members[i].entry_id))
                 parents.append(None)

@@ -99,7 +99,13 @@ def _select_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarr
     out = []
     for start in range(0, len(masks), 8):
         chunk = masks[start:start + 8]
-        out += _unjoined(_joined(chunk)[where], len(chunk))
+        if jit.enabled():
+            picked = np.empty(int(np.count_nonzero(where)) + 1, dtype=np.uint8)  # one spare slot
+            kernels.select(_joined(chunk), where, picked)
+            picked = picked[:-1]
+        else:
+            picked = _joined(chunk)[where]
+        out += _unjoined(picked, len(chunk))
     return out
 
 
@@ -115,6 +121,13 @@ def _split_jointly(masks: list[np.ndarray], where: np.ndarray) -> list[np.ndarra
         kernels.split_by(_joined(chunk), where, both)
         out += _unjoined(both, len(chunk))
     return out
+
+
+def _changes_outside(new: np.ndarray, old: np.ndarray, support: np.ndarray) -> bool:
+    """Whether two bool maps differ anywhere ``support`` is false."""
+    if jit.enabled():
+        return bool(kernels.differs_outside(new, old, support))
+    return bool(((new != old) & ~support).any())
 
 
 def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, torch.Tensor, int] | None],
@@ -139,8 +152,7 @@ def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, tor
     for i, (mask, parent) in enumerate(zip(masks, parents)):
         members[i] = {"key": key, "shape": list(mask.shape)}
         if parent is not None and sup is not None and parent[2] < MAX_DEPTH and parent[1].numel() == sup.size:
-            changed = flats[i] != _np_bool(parent[1])
-            if not (changed & ~sup).any():
+            if not _changes_outside(flats[i], _np_bool(parent[1]), sup):
                 members[i].update(parent=parent[0], support=support[0], depth=parent[2] + 1)
                 deltas.append(i)
                 continue

@@ -114,6 +114,28 @@ def scatter(out: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
 
 
 @kernel
+def select(comb: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
+    """``out[:count] = comb[where]``; ``out`` has one spare slot (branch-free, as :func:`nonzero_values`)."""
+    a = 0
+    last = out.size - 1
+    for i in range(comb.size):
+        out[min(a, last)] = comb[i]
+        a += where[i]
+
+
+@kernel
+def differs_outside(new: np.ndarray, old: np.ndarray, support: np.ndarray) -> bool:
+    """Whether ``new != old`` anywhere ``support`` is false."""
+    for start in range(0, new.size, 4096):
+        bad = 0
+        for i in range(start, min(start + 4096, new.size)):
+            bad += (new[i] != old[i]) & (not support[i])
+        if bad:
+            return True
+    return False
+
+
+@kernel
 def split_by(comb: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
     """``out`` = the bytes where ``where`` holds, then the others, each in order (branch-free)."""
     inside = 0

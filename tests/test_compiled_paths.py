@@ -155,3 +155,24 @@ def test_the_finiteness_check_finds_a_nan_or_inf_anywhere_in_every_float_dtype(m
                 u = t.clone()
                 u[where] = bad
                 assert not all_finite(u), (dtype, where, bad)
+
+
+def test_masks_coded_against_a_parent_come_back_the_same_both_ways(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    n = 9_001
+    support = torch.rand(n, generator=g) < 0.2
+    parents, masks = [], []
+    for p in (0.3, 0.6, 0.9):
+        old = torch.rand(n, generator=g) < p
+        new = old.clone()
+        new[support] = torch.rand(int(support.sum()), generator=g) < p  # changes only inside the support
+        parents.append(("p" * 64, old, 1))
+        masks.append(new)
+    outside = masks[0].clone()
+    outside[~support] = ~outside[~support]  # changes outside the support: stored whole
+    masks.append(outside)
+    parents.append(("q" * 64, masks[0], 1))
+    coded = both_ways(monkeypatch, lambda: delta.code_masks("w", masks, parents, ("s" * 64, support)))
+    for (member_a, bits_a), (member_b, bits_b) in zip(*coded):
+        assert member_a == member_b and np.array_equal(bits_a, bits_b)
+    assert ["parent" in m for m, _ in coded[1]] == [True, True, True, False]

@@ -8,6 +8,7 @@ memory. Tensors flow one at a time from the sources to the writer.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -39,14 +40,24 @@ def reconstructed_tensors(
     all of ``merged``); resized ones get their own extra rows appended;
     modality tensors come verbatim from ``own``.
     """
+    helper = ThreadPoolExecutor(1, thread_name_prefix="mmer-read")
+
     def read(key: str) -> tuple:
         base_key = keymap.llm.get(key)
         if base_key is None:
             return key, own(key), None, None
+        b = helper.submit(base, base_key)  # reading and checking the base overlaps decoding the rest
         m = merged(base_key)
-        return key, base(base_key), m, mask(base_key) if mask is not None else None
+        mk = mask(base_key) if mask is not None else None
+        return key, b.result(), m, mk
 
-    for key, b, m, mk in prefetched(read(k) for k in keymap.order):  # decoding runs a tensor ahead
+    with helper:
+        yield from _reconstructed(prefetched(read(k) for k in keymap.order), keymap, own, scale)
+
+
+def _reconstructed(inputs: Iterable[tuple], keymap: KeyMap, own: TensorSource, scale: float
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, b, m, mk in inputs:  # decoding runs a tensor ahead
         if m is None:
             yield key, b
             continue

@@ -53,12 +53,13 @@ from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
 from mmer_cl.task_vector import task_vector
+from mmer_cl.write_behind import write_behind
 from mmer_cl.writer import fsync_dir
 from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
 from registry.postgres import normalise_url
 from registry.registry import shown_url
-from storage import Batch, BlobError, BlobStore, TensorReader, encode
+from storage import BlobError, BlobStore, TensorReader, encode
 
 DB_NAME = "registry.db"
 LOCK_NAME = ".lock"
@@ -323,7 +324,8 @@ class Store:
         with self._lock(), self.blobs.batch() as batch:
             current = self.registry.version(base_rec.id)
             densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
-            refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, batch, progress, densities, reference)
+            with write_behind(batch.put) as put:  # blobs are written while the next tensor is computed
+                refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, put, progress, densities, reference)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
@@ -339,11 +341,11 @@ class Store:
                                             description=description, tags=tags)
         return RegisterResult(entry, True, keymap.describe())
 
-    def _put(self, batch: Batch, role: str, key: str, t: torch.Tensor) -> BlobRef:
+    def _put(self, put: Callable[[bytes], str], role: str, key: str, t: torch.Tensor) -> BlobRef:
         blob = encode(t)
-        return BlobRef(role, key, batch.put(blob), len(blob), t.numel() * t.element_size())
+        return BlobRef(role, key, put(blob), len(blob), t.numel() * t.element_size())
 
-    def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, batch: Batch,
+    def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, put: Callable[[bytes], str],
                 progress: Progress | None, densities: Sequence[float] = (), reference: bool = False
                 ) -> tuple[list[BlobRef], list, dict, list]:
         refs: list[BlobRef] = []
@@ -381,19 +383,19 @@ class Store:
                 if reference:
                     sources[base_key] = {"key": key, "sha256": parts[-1][3], "rows": keymap.resized.get(key)}
                 else:
-                    refs.append(self._put(batch, "task_vector", base_key, tau))
+                    refs.append(self._put(put, "task_vector", base_key, tau))
             if key in own_keys:
                 own = keymap.modality_part(key, t)
                 own_params += own.numel()
-                refs.append(self._put(batch, "own", key, own))
+                refs.append(self._put(put, "own", key, own))
             if progress:
                 progress(step, len(keymap.order), key)
         for f in ckpt.aux_files():
             data = f.read_bytes()
-            refs.append(BlobRef("aux", f.name, batch.put(data), len(data), len(data)))
+            refs.append(BlobRef("aux", f.name, put(data), len(data), len(data)))
         if reference:
             data = json.dumps(sources, sort_keys=True).encode()
-            refs.append(BlobRef("reference", "task_vectors", batch.put(data), len(data), len(data)))
+            refs.append(BlobRef("reference", "task_vectors", put(data), len(data), len(data)))
         stats = {"relative_change": math.sqrt(sq_tau / sq_base) if sq_base else 0.0, "llm_params": llm_params,
                  "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized,
                  "referenced": reference}

@@ -52,7 +52,7 @@ from mmer_cl.prefetch import prefetched
 from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
-from mmer_cl.task_vector import task_vector
+from mmer_cl.task_vector import sum_of_squares, task_vector
 from mmer_cl.write_behind import write_behind
 from mmer_cl.writer import fsync_dir
 from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
@@ -377,8 +377,8 @@ class Store:
                     found = trim_threshold(tau, density)
                     trims.append(Trim(0, density, base_key, found.bits, found.ties))
                 if tau.dim() >= 2:  # matrices: norm scales (often all ones) would mask a foreign base
-                    sq_tau += float(tau.square().sum())
-                    sq_base += float(b.float().square().sum())
+                    sq_tau += sum_of_squares(tau)
+                    sq_base += sum_of_squares(b)
                 llm_params += tau.numel()
                 if reference:
                     sources[base_key] = {"key": key, "sha256": parts[-1][3], "rows": keymap.resized.get(key)}

@@ -7,9 +7,44 @@ base tensor's device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mmer_cl.precision import working_dtype
+from storage import jit
+from storage.jit import kernel
+
+
+@kernel
+def _squares_f32(values: np.ndarray) -> float:
+    total = 0.0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        total += v * v
+    return total
+
+
+@kernel
+def _squares_bf16(bits: np.ndarray) -> float:
+    wide = np.empty(1, dtype=np.uint32)
+    f = wide.view(np.float32)
+    total = 0.0
+    for i in range(bits.size):
+        wide[0] = np.uint32(bits[i]) << np.uint32(16)
+        v = np.float64(f[0])
+        total += v * v
+    return total
+
+
+def sum_of_squares(t: torch.Tensor) -> float:
+    """``sum(t ** 2)`` of a float tensor, accumulated in float64 (a statistic, not part of any merge)."""
+    flat = t.detach().reshape(-1)
+    if jit.enabled() and flat.device.type == "cpu" and flat.numel():
+        if flat.dtype == torch.float32:
+            return float(_squares_f32(flat.contiguous().numpy()))
+        if flat.dtype == torch.bfloat16:
+            return float(_squares_bf16(flat.contiguous().view(torch.int16).numpy().view(np.uint16)))
+    return float(flat.double().square().sum())
 
 
 def task_vector(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:

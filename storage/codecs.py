@@ -251,7 +251,15 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def zero_fraction(t: torch.Tensor) -> float:
-    return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
+    """The fraction of entries equal to zero (``-0.0`` included)."""
+    if not t.numel():
+        return 0.0
+    if jit.enabled() and t.device.type == "cpu" and t.element_size() in _UINTS:
+        words = int_view(t.detach().reshape(-1))
+        every = np.iinfo(words.dtype).max
+        magnitude = np.array([every >> 1 if t.is_floating_point() else every], dtype=words.dtype)
+        return 1.0 - kernels.count_nonzero(words, magnitude) / t.numel()
+    return 1.0 - int(torch.count_nonzero(t)) / t.numel()
 
 
 def encode(t: torch.Tensor, split: Split | None = None) -> bytes:

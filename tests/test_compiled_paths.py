@@ -176,3 +176,14 @@ def test_masks_coded_against_a_parent_come_back_the_same_both_ways(monkeypatch):
     for (member_a, bits_a), (member_b, bits_b) in zip(*coded):
         assert member_a == member_b and np.array_equal(bits_a, bits_b)
     assert ["parent" in m for m, _ in coded[1]] == [True, True, True, False]
+
+
+def test_sum_of_squares_and_zero_fraction_agree_both_ways(monkeypatch):
+    from mmer_cl.task_vector import sum_of_squares
+
+    for dtype in DTYPES:
+        for name, t in tensors(dtype).items():
+            plain, compiled = both_ways(monkeypatch, lambda: sum_of_squares(t))
+            assert compiled == pytest.approx(plain, rel=1e-9, abs=1e-12), (dtype, name)
+            plain, compiled = both_ways(monkeypatch, lambda: codecs.zero_fraction(t))
+            assert plain == compiled, (dtype, name)

@@ -34,6 +34,7 @@ from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
 from mmer_cl.prefetch import prefetched
 from mmer_cl.references import TensorReference, is_reference, read_task_vector
+from mmer_cl.threads import torch_single_threaded
 from mmer_cl.write_behind import write_behind
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import BlobStore, TensorReader, encode
@@ -278,7 +279,7 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
         count += len(g)
         ends.add(count)
     results = []
-    with write_behind(put, depth=1) as put_behind:
+    with torch_single_threaded(), write_behind(put, depth=1) as put_behind:
         writer = _GroupWriter(plan, put_behind)
         for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
             writer.add(job, inputs)

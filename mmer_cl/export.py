@@ -20,6 +20,7 @@ from mmer_cl.export_guard import Protected
 from mmer_cl.keymap import KeyMap
 from mmer_cl.prefetch import prefetched
 from mmer_cl.reconstruct import reconstruct
+from mmer_cl.threads import torch_single_threaded
 from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
 
 TensorSource = Callable[[str], torch.Tensor]
@@ -117,7 +118,8 @@ def write_model(
     tokenizer files, ...); ``metadata`` goes into every shard's safetensors header. ``marker`` and
     ``protected``: see :mod:`mmer_cl.export_guard`.
     """
-    with atomic_directory(out_dir, overwrite=overwrite, marker=marker, protected=protected) as tmp:
+    with torch_single_threaded(), \
+            atomic_directory(out_dir, overwrite=overwrite, marker=marker, protected=protected) as tmp:
         for name, content in aux_files.items():
             target = tmp / Path(name).name
             if isinstance(content, Path):

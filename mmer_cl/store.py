@@ -53,6 +53,7 @@ from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
 from mmer_cl.task_vector import sum_of_squares, task_vector
+from mmer_cl.threads import torch_single_threaded
 from mmer_cl.write_behind import write_behind
 from mmer_cl.writer import fsync_dir
 from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
@@ -324,7 +325,7 @@ class Store:
         with self._lock(), self.blobs.batch() as batch:
             current = self.registry.version(base_rec.id)
             densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
-            with write_behind(batch.put) as put:  # blobs are written while the next tensor is computed
+            with torch_single_threaded(), write_behind(batch.put) as put:  # blobs written as the next tensor computes
                 refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, put, progress, densities, reference)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)

@@ -155,6 +155,9 @@ class VerifiedBase:
         return llm_shapes(self.tensors.values())
 
 
+COMPOSE_READ_CACHE_BYTES = 64 * 2**20  # Store.compose: decoded masks/maps of the tensor being built
+
+
 class Store:
     """A registry and a blob location; see the module docstring.
 
@@ -703,6 +706,14 @@ class Store:
         base_rec = self.registry.base(base)
         v = self.version(version, base)
         names = list(entries) if entries is not None else [m.entry_name for m in v.members]
+        # a reader of its own, with a cache sized for one tensor's masks and merged map at a time (the build
+        # reads tensor by tensor), dropped with the build: the store's reader keeps no decoded maps afterwards
+        reader = TensorReader(self.blobs, cache_bytes=COMPOSE_READ_CACHE_BYTES)
+
+        def blob_source(refs):
+            digests = {r.key: r.digest for r in refs}
+            return lambda key: reader.tensor(digests[key], key)
+
         sources = []
         for name in names:
             member = v.member(name)
@@ -713,10 +724,10 @@ class Store:
             aux = {r.key: r for r in self.registry.entry_blobs(entry.id, "aux")}
             if "config.json" not in aux:
                 raise StoreError(f"entry {name!r} has no config.json; a composition needs each entry's config")
-            masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
+            masks = blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
             sources.append(EntrySource(name, entry.modality, self.blobs.get(aux["config.json"].digest),
                                        KeyMap.from_json(entry.keymap),
-                                       self.blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
+                                       blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
                                        member.scale))
         vbase = self._verified_base(base_rec)
         config = next((p for p in vbase.checkpoint.aux_files() if p.name == "config.json"), None)
@@ -724,7 +735,7 @@ class Store:
             raise StoreError(f"the base at {base_rec.source_path} has no config.json; a composition builds its LLM "
                              "from it")
         return build_composed(config.read_text(), list(vbase.llm_shapes()), vbase.get,
-                              self.blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                              blob_source(self.registry.version_blobs(v.id, "merged")), sources,
                               text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
                               cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 

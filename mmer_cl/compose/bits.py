@@ -18,7 +18,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` booleans held in ``packed`` (the inverse of :func:`pack_bits`), 1-D."""
-    return ((packed.view(-1, 1) >> _SHIFTS) & 1).view(-1)[:numel].bool()
+    bits = packed.view(-1, 1) >> _SHIFTS
+    bits &= 1  # in place: 0/1 bytes, which ARE valid booleans (a view, no third pass)
+    return bits.view(-1)[:numel].view(torch.bool)
 
 
 def int_view_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -87,7 +87,7 @@ class ComposedModel(nn.Module):
         routes, text_route = self._pending
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and tuple(embeds.shape[:2]) == tuple(routes.shape):
-            self.router.set(routes)
+            self.router.set(routes, last=text_route)
         else:
             self.router.set(text_route)
         return None
@@ -118,7 +118,7 @@ class ComposedModel(nn.Module):
                                        f"{ph}; they cannot be told apart in one input")
             placeholders[ph] = n
             routes[input_ids == ph] = self.route_of[n]
-        self.router.set(routes)
+        self.router.set(routes, last=text_route)
         embeds = self.llm.get_input_embeddings()(input_ids)
         prefixes = []
         for n in names:
@@ -148,8 +148,8 @@ class ComposedModel(nn.Module):
                 inputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None, text_params: str | None = None,
                 **llm_kwargs):
         """The LLM's output (``.logits`` over the whole sequence, prefix positions included)."""
-        embeds, routes, attention_mask, _ = self.prepare(input_ids, attention_mask, inputs, text_params)
-        self.router.set(routes)
+        embeds, routes, attention_mask, text_route = self.prepare(input_ids, attention_mask, inputs, text_params)
+        self.router.set(routes, last=text_route)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs)
 
     @torch.no_grad()
@@ -177,12 +177,20 @@ class ComposedModel(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
-        """Bytes held: the LLM weights (one dense working copy), the compact merged/mask data, encoders, cache."""
-        working = sum(t.working.numel() * t.working.element_size() for t in self.tensors.values())
-        held = sum(t.held_bytes() for t in self.tensors.values())
+        """Bytes held, by part: ``llm_working`` (the ONE dense copy of the LLM weights, base dtype),
+        ``merged`` (the merged vector: bitmap of where it changes a weight, XOR patterns there, tau for
+        rescaled masks), ``masks`` (each entry's, packed), ``extras`` (rows entries append), ``encoders``
+        (every entry's encoder and projector), ``cache`` (dense copies of routes that cannot live in the
+        working copy), ``total``; ``merged_and_masks`` sums merged, masks and extras."""
+        parts = {"working": 0, "merged": 0, "masks": 0, "extras": 0}
+        for t in self.tensors.values():
+            for k, v in t.sizes().items():
+                parts[k] += v
         enc = sum(p.numel() * p.element_size() for p in self.encoders.parameters())
-        return {"llm_working": working, "merged_and_masks": held - working, "encoders": enc,
-                "cache": self.cache.bytes, "total": held + enc + self.cache.bytes}
+        compact = parts["merged"] + parts["masks"] + parts["extras"]
+        return {"llm_working": parts["working"], "merged": parts["merged"], "masks": parts["masks"],
+                "extras": parts["extras"], "merged_and_masks": compact, "encoders": enc, "cache": self.cache.bytes,
+                "total": parts["working"] + compact + enc + self.cache.bytes}
 
 
 def release_free_memory() -> None:
@@ -247,15 +255,22 @@ def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], b
             raise CompositionError(f"the base checkpoint has no tensor {name}, which its config's model needs")
     ckpt_of = [e.keymap.base_to_ckpt() for e in entries]
     tensors: dict[str, RoutedTensor] = {}
-    keys = list(dict.fromkeys(by_param.values()))
+    shapes = {name: p.shape for name, p in params.items()}
+    # the largest tensors first: their full-size temporaries (decoded merged vector and masks) then exist
+    # while the composition holds the least, which keeps the build's peak memory low
+    keys = sorted(dict.fromkeys(by_param.values()), key=lambda k: -shapes[k].numel())
+    keep_tau = use_mask and any(e.scale != 1.0 for e in entries)
     for step, key in enumerate(keys, start=1):
-        masks, scales, extras = [], [], []
+        merged_t = merged(key)
+        rt = RoutedTensor(key, base(key), merged_t, keep_tau=keep_tau)
+        del merged_t
         for e, to_ckpt in zip(entries, ckpt_of):
-            masks.append(e.mask(key) if (use_mask and e.mask is not None) else None)
-            scales.append(e.scale if use_mask else 1.0)
             ck = to_ckpt.get(key)
-            extras.append(e.own(ck) if ck in e.keymap.resized else None)
-        tensors[key] = RoutedTensor(key, base(key), merged(key), masks, scales, extras)
+            extra = e.own(ck) if ck in e.keymap.resized else None
+            mask = e.mask(key) if (use_mask and e.mask is not None) else None
+            rt.add_route(mask, e.scale if use_mask else 1.0, extra)
+            del mask
+        tensors[key] = rt
         release_free_memory()
         if progress:
             progress(step, len(keys), key)

@@ -16,7 +16,7 @@ from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache
 from mmer_cl.keymap import KeyMap
 
 TensorSource = Callable[[str], torch.Tensor]
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_CACHE_BYTES = 64 * 2**20  # dense copies of routes that cannot live in the working copy (emr scales, rows)
 DEFAULT_TEXT_PARAMS = "merged"  # text tokens of a mixed input (measured: README, "Expansion")
 DEFAULT_TEXT_ONLY = "base"  # inputs without any modality
 
@@ -36,6 +36,12 @@ class EntrySource:
 
 class ComposedModel(nn.Module):
     """Base LLM once, merged vector once (compact), packed masks, and every entry's own encoder and projector.
+
+    The LLM weights exist as ONE dense working copy (base dtype); every route
+    (base, merged, each entry) is reached by switching it in place, exactly
+    (:class:`mmer_cl.compose.weights.RoutedTensor`). A mixed input switches each
+    layer's weights route by route as its tokens pass (no second dense copy)
+    and leaves them on the text route, which the decoded tokens use.
 
     ``inputs`` maps entry names to that entry's modality inputs (e.g.
     ``{"vision": {"pixel_values": px}, "audio": {"input_features": f, "feature_attention_mask": m}}``).

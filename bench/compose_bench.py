@@ -6,7 +6,7 @@ perturbed), registers them in a store and expands (ties, density 0.2, masks
 mmer). Then every case runs in its own fresh process and reports its peak
 resident memory (VmHWM):
 
-* ``libs``: python + torch + transformers + mmer_cl imported, nothing loaded;
+* ``libs``: python + torch + transformers (with its LLaVA and Llama classes) + mmer_cl imported, nothing loaded;
 * ``separate k``: k plain transformers models (``from_pretrained``), k = 1..3;
 * ``composed k``: ``Store.compose`` over k entries, k = 1..3.
 
@@ -223,9 +223,10 @@ def main(argv=None) -> None:
     ap.add_argument("--case", choices=["libs", "separate", "composed", "speed"], help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.case == "libs":
+    if args.case == "libs":  # what every other case imports before loading anything
         import torch  # noqa: F401
         import transformers  # noqa: F401
+        from transformers import LlamaForCausalLM, LlavaForConditionalGeneration  # noqa: F401
 
         import mmer_cl.store  # noqa: F401
         print(json.dumps({"case": "libs", "k": 0, "peak_rss_mib": hwm_mib()}))
@@ -247,7 +248,7 @@ def main(argv=None) -> None:
     speed = results[-1]
     params = comp[1]["held_bytes"]["llm_working"] // 2  # bf16
     print(f"LLM parameters: {params / 1e6:.0f}M (bf16: {params * 2 / 2**20:.0f} MiB per copy); python + torch + "
-          f"transformers + mmer_cl alone: {libs:.0f} MiB peak RSS (measured in this run)")
+          f"transformers (LLaVA, Llama) + mmer_cl alone: {libs:.0f} MiB peak RSS (measured in this run)")
     print("| k | k plain models (MiB) | composed (MiB) | raw RSS ratio | model's own memory: RSS - libraries (MiB) "
           "| model's own ratio |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -155,7 +155,7 @@ class VerifiedBase:
         return llm_shapes(self.tensors.values())
 
 
-COMPOSE_READ_CACHE_BYTES = 64 * 2**20  # Store.compose: decoded masks/maps of the tensor being built
+COMPOSE_READ_CACHE_BYTES = 16 * 2**20  # Store.compose: decoded mask packs (+ the largest tensor's nonzero map)
 
 
 class Store:
@@ -702,13 +702,17 @@ class Store:
         runs every modality on the whole merged LLM (the NaiveMC-style baseline).
         """
         from mmer_cl.compose import DEFAULT_CACHE_BYTES, EntrySource, build_composed
+        from mmer_cl.compose.model import release_free_memory
 
         base_rec = self.registry.base(base)
         v = self.version(version, base)
         names = list(entries) if entries is not None else [m.entry_name for m in v.members]
         # a reader of its own, with a cache sized for one tensor's masks and merged map at a time (the build
         # reads tensor by tensor), dropped with the build: the store's reader keeps no decoded maps afterwards
-        reader = TensorReader(self.blobs, cache_bytes=COMPOSE_READ_CACHE_BYTES)
+        vbase = self._verified_base(base_rec)
+        shapes = vbase.llm_shapes()
+        largest = max((math.prod(sh) for sh in shapes.values()), default=0)
+        reader = TensorReader(self.blobs, cache_bytes=largest + COMPOSE_READ_CACHE_BYTES)
 
         def blob_source(refs):
             digests = {r.key: r.digest for r in refs}
@@ -729,15 +733,17 @@ class Store:
                                        KeyMap.from_json(entry.keymap),
                                        blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
                                        member.scale))
-        vbase = self._verified_base(base_rec)
         config = next((p for p in vbase.checkpoint.aux_files() if p.name == "config.json"), None)
         if config is None:
             raise StoreError(f"the base at {base_rec.source_path} has no config.json; a composition builds its LLM "
                              "from it")
-        return build_composed(config.read_text(), list(vbase.llm_shapes()), vbase.get,
-                              blob_source(self.registry.version_blobs(v.id, "merged")), sources,
-                              text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
-                              cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        composed = build_composed(config.read_text(), list(shapes), vbase.get,
+                                  blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                                  text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
+                                  cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        del sources, reader, blob_source  # the build's reader and its decoded maps go now, not at the next gc
+        release_free_memory()
+        return composed
 
     # ---- maintenance ---------------------------------------------------------------------
     def audit(self, check_base: bool = False, progress: Progress | None = None) -> AuditReport:

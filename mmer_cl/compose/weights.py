@@ -45,6 +45,12 @@ CHUNK = 1 << 20  # elements per step when building or toggling (a multiple of 8)
 _HALF = {torch.int16: torch.uint8, torch.int32: torch.int16, torch.int64: torch.int32}
 
 
+def bit_slice(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Booleans ``start:start+count`` of the bits packed in ``packed`` (unpacking only the bytes that hold them)."""
+    lo = start // 8
+    return unpack_bits(packed[lo:(start + count + 7) // 8], start - 8 * lo + count)[start - 8 * lo:]
+
+
 def expand(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A dense tensor holding ``values`` in order at the True positions of the 1-D bool ``where``, zeros elsewhere
     (``zeros.masked_scatter_(where, values)``, about four times faster: a running count then a gather)."""
@@ -186,50 +192,52 @@ class RoutedTensor:
     # ---- toggling -------------------------------------------------------------------------
     def _flip(self) -> torch.Tensor:
         """The XOR patterns at the ``nz`` positions (nnz integers of the weights' width)."""
-        return self._flip_part(0, self.nnz, 0, self.high.numel(), unpack_bits(self.high_nz, self.nnz))
+        return self._flip_part(0, self.nnz, 0, self.high.numel())
 
-    def _flip_part(self, start: int, count: int, hstart: int, hcount: int, high_nz: torch.Tensor) -> torch.Tensor:
-        """XOR patterns ``start:start+count`` (their high halves ``hstart:hstart+hcount``); ``high_nz``: all the
-        unpacked high-half bitmap."""
+    def _flip_part(self, start: int, count: int, hstart: int, hcount: int) -> torch.Tensor:
+        """XOR patterns ``start:start+count`` (their high halves are ``high[hstart:hstart+hcount]``)."""
         low = self.low[start:start + count]
         if hcount:
-            high = expand(high_nz[start:start + count], self.high[hstart:hstart + hcount])
+            high = expand(bit_slice(self.high_nz, start, count), self.high[hstart:hstart + hcount])
         else:
             high = torch.zeros_like(low)
         return torch.stack([low, high], dim=1).view(self.iv).view(-1)
 
-    def _diff(self, src: int, dst: int) -> torch.Tensor | None:
-        """Where (among the ``nz`` positions) routes ``src`` and ``dst`` differ; None: everywhere."""
+    def _diff(self, src: int, dst: int, start: int = 0, count: int | None = None) -> torch.Tensor | None:
+        """Where routes ``src`` and ``dst`` differ, among the ``nz`` positions ``start:start+count`` (default:
+        all); None: everywhere."""
+        count = self.nnz - start if count is None else count
         a, b = self.route_bits[src], self.route_bits[dst]
         if a is None and b is None:  # base <-> merged
-            return None if src != dst else torch.zeros(self.nnz, dtype=torch.bool)
+            return None if src != dst else torch.zeros(count, dtype=torch.bool)
+        lo, hi = start // 8, (start + count + 7) // 8  # only the bytes holding these bits
         if a is None:
-            bits = b if src == BASE else torch.bitwise_not(b)
+            bits = b[lo:hi] if src == BASE else torch.bitwise_not(b[lo:hi])
         elif b is None:
-            bits = a if dst == BASE else torch.bitwise_not(a)
+            bits = a[lo:hi] if dst == BASE else torch.bitwise_not(a[lo:hi])
         else:
-            bits = torch.bitwise_xor(a, b)
-        return unpack_bits(bits, self.nnz)
+            bits = torch.bitwise_xor(a[lo:hi], b[lo:hi])
+        return bit_slice(bits, start % 8, count)
 
     def _toggle(self, target: torch.Tensor, src: int, dst: int) -> None:
         """Turn ``target`` (holding route ``src``, resident-able) into route ``dst`` in place.
 
-        Chunk by chunk, the XOR patterns of the positions where the two routes'
-        masks differ are scattered densely (no index arrays) and XORed in.
+        Chunk by chunk (every temporary is chunk-sized), the XOR patterns of
+        the positions where the two routes' masks differ are scattered densely
+        (no index arrays) and XORed in.
         """
         if src == dst or self.nnz == 0:
             return
-        diff = self._diff(src, dst)
-        high_nz = unpack_bits(self.high_nz, self.nnz) if self.high.numel() else None
         flat = target.view(-1).view(self.iv)
         offset = hoffset = 0
         for i, start in enumerate(range(0, self.numel, CHUNK)):
             count, hcount = self._chunk_nnz[i], self._chunk_high[i]
             if count:
                 stop = min(start + CHUNK, self.numel)
-                flip = self._flip_part(offset, count, hoffset, hcount, high_nz)
+                flip = self._flip_part(offset, count, hoffset, hcount)
+                diff = self._diff(src, dst, offset, count)
                 if diff is not None:
-                    flip *= diff[offset:offset + count]
+                    flip *= diff
                 nzc = unpack_bits(self.nz[start // 8:(stop + 7) // 8], stop - start)
                 flat[start:stop].bitwise_xor_(expand(nzc, flip))
             offset += count

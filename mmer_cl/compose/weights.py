@@ -41,7 +41,7 @@ from mmer_cl.compose.bits import int_view_dtype, pack_bits, unpack_bits
 from mmer_cl.reconstruct import reconstruct
 
 BASE, MERGED = 0, 1
-CHUNK = 1 << 20  # elements per step when building or toggling (a multiple of 8)
+CHUNK = 1 << 18  # elements per step when building or toggling (a multiple of 8); temporaries ~ 10 x CHUNK bytes
 _HALF = {torch.int16: torch.uint8, torch.int32: torch.int16, torch.int64: torch.int32}
 
 

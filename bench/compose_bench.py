@@ -25,8 +25,7 @@ Run by hand (minutes on 2 cores; sizes via --hidden etc.; each size needs its
 own --work). The README's two rows:
 
     python bench/compose_bench.py --work /tmp/mmer-compose-bench --threads 1
-    python bench/compose_bench.py --work /tmp/mmer-compose-bench-1b --hidden 2048 --layers 16 \
-        --intermediate 5632 --vocab 16000 --threads 1
+    python bench/compose_bench.py --work /tmp/mmer-compose-bench-1b --hidden 2048 --layers 16 --intermediate 5632 --vocab 16000 --threads 1
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ a :class:`RoutedTensor` holds:
   has ``scale != 1``);
 * at those positions, the XOR of the two bit patterns, split in halves: the low
   half of every XOR (1 byte each for bf16/fp16), and the high half only where
-  it is nonzero (a bitmap over the positions, then the values): a small
-  ``tau_*`` changes the low bits of a weight, rarely its sign or exponent;
+  it is nonzero (a bitmap over the positions, then the values): a ``tau_*``
+  small against the weight changes only its low bits, not its sign or exponent
+  (32% of positions need the high half in the benchmark, whose perturbations
+  are ~10% of a weight; fewer for a typical fine-tune);
 * each ENTRY route's mask restricted to those positions (1 bit per position;
   the base's and the merged route's are all zeros / all ones, never stored);
 * ``tau`` values at those positions, only when some route has ``scale != 1``

@@ -312,7 +312,7 @@ def test_a_zero_byte_cache_still_composes_and_holds_no_dense_copy(qwen_store):
     assert torch.equal(a, b)
 
 
-def test_a_mixed_input_switches_the_working_weights_in_place_and_leaves_them_on_the_text_route(qwen_store):
+def test_a_mixed_input_switches_the_working_weights_in_place_and_ends_on_the_text_route(qwen_store):
     composed = qwen_store.compose(cache_bytes=1 << 30)  # a cache that could hold every route: still unused
     t = cb.text_ids(7, 1, 3)
     ids = cb.ids_with(t, ("image", 1), ("audio", 1), t)
@@ -324,6 +324,23 @@ def test_a_mixed_input_switches_the_working_weights_in_place_and_leaves_them_on_
     before = {k: rt.working.clone() for k, rt in composed.tensors.items()}
     composed.generate(ids, inputs=inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert all(torch.equal(rt.working, before[k]) for k, rt in composed.tensors.items())
+
+
+def test_a_mixed_input_switches_each_weight_once_per_extra_route_and_never_the_embedding(qwen_store, monkeypatch):
+    composed = qwen_store.compose()  # text tokens on merged
+    t = cb.text_ids(8, 1, 3)
+    ids = cb.ids_with(t, ("image", 1), ("audio", 1), t)
+    inputs = {"vision": cb.image_inputs(batch=1), "audio": cb.audio_inputs(batch=1)}
+    logits(composed, input_ids=ids, inputs=inputs)  # now every weight holds the text route
+    switches = []
+    original = RoutedTensor._toggle
+    monkeypatch.setattr(RoutedTensor, "_toggle", lambda self, target, src, dst: (
+        switches.append((self.name, src, dst)) if src != dst else None, original(self, target, src, dst))[1])
+    logits(composed, input_ids=ids, inputs=inputs)
+    names = [n for n, _, _ in switches]
+    embed = next(k for k in composed.tensors if k.endswith("embed_tokens.weight"))
+    assert embed not in names  # placeholder rows are replaced by features: looked up on the text route
+    assert all(names.count(k) == 2 for k in composed.tensors if k != embed)  # text -> vision -> audio
 
 
 def test_memory_parts_add_up_and_masks_cost_one_bit_per_stored_position(qwen_store):

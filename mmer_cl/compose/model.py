@@ -41,7 +41,8 @@ class ComposedModel(nn.Module):
     (base, merged, each entry) is reached by switching it in place, exactly
     (:class:`mmer_cl.compose.weights.RoutedTensor`). A mixed input switches each
     layer's weights route by route as its tokens pass (no second dense copy)
-    and leaves them on the text route, which the decoded tokens use.
+    (the route a layer holds first, the text route last unless the layer held it at the start,
+    so the tokens ``generate`` decodes next usually need no switch).
 
     ``inputs`` maps entry names to that entry's modality inputs (e.g.
     ``{"vision": {"pixel_values": px}, "audio": {"input_features": f, "feature_attention_mask": m}}``).
@@ -124,8 +125,13 @@ class ComposedModel(nn.Module):
                                        f"{ph}; they cannot be told apart in one input")
             placeholders[ph] = n
             routes[input_ids == ph] = self.route_of[n]
+        # the embedding rows of placeholder tokens are replaced by features below: look every token up on the
+        # text route (placeholders as id 0), so a mixed input does not switch the embedding matrix
+        self.router.set(text_route)
+        lookup = input_ids.masked_fill(torch.isin(input_ids, torch.tensor(list(placeholders), dtype=input_ids.dtype)),
+                                       0) if placeholders else input_ids
+        embeds = self.llm.get_input_embeddings()(lookup)
         self.router.set(routes, last=text_route)
-        embeds = self.llm.get_input_embeddings()(input_ids)
         prefixes = []
         for n in names:
             adapter, cfg = self.adapters[n], self.configs[n]

@@ -31,8 +31,8 @@ class CompositionError(MmerError):
 class Router:
     """Which route each token of the current call takes: one route for all, or a (batch, seq) tensor.
 
-    ``last``: the route a mixed call should leave in the working tensors (the text route: the tokens that
-    ``generate`` decodes next run on it, with no switch).
+    ``last``: the route a mixed call visits last when the working tensors do not hold it at the start (the
+    text route: the tokens that ``generate`` decodes next then run on it with no switch).
     """
 
     def __init__(self, cache: WeightCache):

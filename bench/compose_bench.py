@@ -6,7 +6,7 @@ perturbed), registers them in a store and expands (ties, density 0.2, masks
 mmer). Then every case runs in its own fresh process and reports its peak
 resident memory (VmHWM):
 
-* ``libs``: python + torch + transformers + mmer_cl imported, nothing loaded;
+* ``libs``: python + torch + transformers (with its LLaVA and Llama classes) + mmer_cl imported, nothing loaded;
 * ``separate k``: k plain transformers models (``from_pretrained``), k = 1..3;
 * ``composed k``: ``Store.compose`` over k entries, k = 1..3.
 
@@ -16,9 +16,16 @@ resident memory (VmHWM):
   entries 0 and 1 (text tokens on the default), and on the single-modality
   input right after a mixed one (the weights switch back).
 
-Run by hand (tens of minutes on 2 cores; sizes via --hidden etc.):
+Memory is reported two ways: the raw peak RSS ratio (composed / k plain
+models), and the ratio of the models' own memory, each peak minus the
+``libs`` baseline measured in the same run (the issue's budget counts model
+bytes; the libraries are a constant that a small model cannot amortise).
 
-    python bench/compose_bench.py --work /tmp/mmer-compose-bench
+Run by hand (minutes on 2 cores; sizes via --hidden etc.; each size needs its
+own --work). The README's two rows:
+
+    python bench/compose_bench.py --work /tmp/mmer-compose-bench --threads 1
+    python bench/compose_bench.py --work /tmp/mmer-compose-bench-1b --hidden 2048 --layers 16 --intermediate 5632 --vocab 16000 --threads 1
 """
 
 from __future__ import annotations
@@ -35,11 +42,16 @@ sys.path.insert(0, str(ROOT))  # this checkout's mmer_cl, not an installed one
 K = 3
 
 
-def hwm_mib() -> float:
+def status_mib(field: str) -> float:
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def hwm_mib() -> float:
+    """Peak resident memory of this process so far (VmHWM), MiB."""
+    return status_mib("VmHWM")
 
 
 def build(work: Path, hidden: int, layers: int, inter: int, vocab: int, log=print) -> None:
@@ -113,7 +125,7 @@ def tokens_per_s(fn, n: int) -> float:
     return n / elapsed
 
 
-def case(name: str, k: int, work: Path, tokens: int) -> dict:
+def case(name: str, k: int, work: Path, tokens: int, threads: int = 0) -> dict:
     import torch
     import transformers
     from transformers import LlavaForConditionalGeneration
@@ -123,6 +135,8 @@ def case(name: str, k: int, work: Path, tokens: int) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
     cfg = json.loads((work / "entry0" / "config.json").read_text())
     vocab = cfg["text_config"]["vocab_size"]
     result: dict = {"case": name, "k": k}
@@ -139,13 +153,17 @@ def case(name: str, k: int, work: Path, tokens: int) -> dict:
             t0 = time.perf_counter()
             composed = store.compose([f"entry{i}" for i in range(k)])
             result["build_s"] = time.perf_counter() - t0
+            result["peak_rss_build_mib"] = hwm_mib()  # the build's peak (its temporaries included)
+            result["rss_built_mib"] = status_mib("VmRSS")
             for i in range(k):
                 ids_i, px_i = inputs(vocab, [i])
                 composed(ids_i, inputs={f"entry{i}": {"pixel_values": px_i[i].to(bf16)}})
+            result["cache_after_single_bytes"] = composed.cache.bytes
             if k >= 2:
                 mids, mpx = inputs(vocab, [0, 1])
                 composed(mids, inputs={f"entry{i}": {"pixel_values": p.to(bf16)} for i, p in mpx.items()})
             result["held_bytes"] = composed.memory()
+            result["rss_end_mib"] = status_mib("VmRSS")
         elif name == "speed":  # the plain model of entry 0 and a k-entry composition, in ONE process, alternated
             plain = LlavaForConditionalGeneration.from_pretrained(work / "entry0", dtype=bf16).eval()
             composed = Store.open(work / "store").compose([f"entry{i}" for i in range(k)])
@@ -183,7 +201,7 @@ def case(name: str, k: int, work: Path, tokens: int) -> dict:
 
 def run_case(name: str, k: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--k", str(k), "--work", str(args.work),
-           "--tokens", str(args.tokens)]
+           "--tokens", str(args.tokens), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"case {name} k={k} failed:\n{out.stderr[-3000:]}")
@@ -198,19 +216,22 @@ def main(argv=None) -> None:
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in every case (0: torch's default); 1 keeps timings sane on a busy machine")
     ap.add_argument("--out", type=Path, default=None, help="Also write the results as JSON here.")
     ap.add_argument("--case", choices=["libs", "separate", "composed", "speed"], help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.case == "libs":
+    if args.case == "libs":  # what every other case imports before loading anything
         import torch  # noqa: F401
         import transformers  # noqa: F401
+        from transformers import LlamaForCausalLM, LlavaForConditionalGeneration  # noqa: F401
 
         import mmer_cl.store  # noqa: F401
         print(json.dumps({"case": "libs", "k": 0, "peak_rss_mib": hwm_mib()}))
         return
     if args.case:
-        print(json.dumps(case(args.case, args.k, args.work, args.tokens)))
+        print(json.dumps(case(args.case, args.k, args.work, args.tokens, args.threads)))
         return
     if not (args.work / "store" / "registry.db").exists():
         args.work.mkdir(parents=True, exist_ok=True)
@@ -224,21 +245,33 @@ def main(argv=None) -> None:
     sep = {r["k"]: r for r in results if r["case"] == "separate"}
     comp = {r["k"]: r for r in results if r["case"] == "composed"}
     speed = results[-1]
-    print(f"libraries alone: {libs:.0f} MiB peak RSS")
-    print("| k | separate models (MiB) | composed (MiB) | ratio | ratio net of libraries |")
-    print("|---|---:|---:|---:|---:|")
+    params = comp[1]["held_bytes"]["llm_working"] // 2  # bf16
+    print(f"LLM parameters: {params / 1e6:.0f}M (bf16: {params * 2 / 2**20:.0f} MiB per copy); python + torch + "
+          f"transformers (LLaVA, Llama) + mmer_cl alone: {libs:.0f} MiB peak RSS (measured in this run)")
+    print("| k | k plain models (MiB) | composed (MiB) | raw RSS ratio | model's own memory: RSS - libraries (MiB) "
+          "| model's own ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k in range(1, K + 1):
         s, c = sep[k]["peak_rss_mib"], comp[k]["peak_rss_mib"]
-        print(f"| {k} | {s:.0f} | {c:.0f} | {c / s:.2f} | {(c - libs) / (s - libs):.2f} |")
+        print(f"| {k} | {s:.0f} | {c:.0f} | {c / s:.2f} | {s - libs:.0f} vs {c - libs:.0f} | "
+              f"{(c - libs) / (s - libs):.2f} |")
+    for k in range(1, K + 1):
+        c = comp[k]
+        print(f"composed k={k}: build {c['build_s']:.1f} s, peak during the build {c['peak_rss_build_mib']:.0f} MiB, "
+              f"RSS after the build {c['rss_built_mib']:.0f} MiB, at the end {c['rss_end_mib']:.0f} MiB; cache after "
+              f"the single-modality forwards {c['cache_after_single_bytes']} B")
+    mem = comp[K]["held_bytes"]
+    print(f"held by the composition (k={K}), bytes per LLM parameter: " +
+          ", ".join(f"{k} {v / params:.3f}" for k, v in mem.items()) + f"; raw: {json.dumps(mem)}")
     p = speed["tok_s_plain"]
     print(f"generate tokens/s ({args.tokens} new, best of 3, one process): plain entry0 {p:.2f}; composed k={K} "
           f"single-modality {speed['tok_s_composed_single']:.2f} ({speed['tok_s_composed_single'] / p:.2f}x); "
           f"mixed two-image input {speed['tok_s_composed_mixed']:.2f} ({speed['tok_s_composed_mixed'] / p:.2f}x); "
-          f"single right after mixed {speed['tok_s_composed_single_after_mixed']:.2f}")
+          f"single right after mixed {speed['tok_s_composed_single_after_mixed']:.2f} "
+          f"({speed['tok_s_composed_single_after_mixed'] / p:.2f}x)")
     print(f"one forward: single {speed['forward_s_single_repeat'] * 1e3:.0f} ms, mixed (repeat) "
           f"{speed['forward_s_mixed_repeat'] * 1e3:.0f} ms, mixed right after a single-modality input "
           f"{speed['forward_s_mixed_after_single'] * 1e3:.0f} ms")
-    print(f"held by the composition (k={K}):", json.dumps(comp[K]["held_bytes"]))
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                        indent=1))

@@ -157,6 +157,9 @@ class VerifiedBase:
         return llm_shapes(self.tensors.values())
 
 
+COMPOSE_READ_CACHE_BYTES = 16 * 2**20  # Store.compose: decoded mask packs (+ the largest tensor's nonzero map)
+
+
 class Store:
     """A registry and a blob location; see the module docstring.
 
@@ -702,10 +705,22 @@ class Store:
         runs every modality on the whole merged LLM (the NaiveMC-style baseline).
         """
         from mmer_cl.compose import DEFAULT_CACHE_BYTES, EntrySource, build_composed
+        from mmer_cl.compose.model import release_free_memory
 
         base_rec = self.registry.base(base)
         v = self.version(version, base)
         names = list(entries) if entries is not None else [m.entry_name for m in v.members]
+        # a reader of its own, with a cache sized for one tensor's masks and merged map at a time (the build
+        # reads tensor by tensor), dropped with the build: the store's reader keeps no decoded maps afterwards
+        vbase = self._verified_base(base_rec)
+        shapes = vbase.llm_shapes()
+        largest = max((math.prod(sh) for sh in shapes.values()), default=0)
+        reader = TensorReader(self.blobs, cache_bytes=largest + COMPOSE_READ_CACHE_BYTES)
+
+        def blob_source(refs):
+            digests = {r.key: r.digest for r in refs}
+            return lambda key: reader.tensor(digests[key], key)
+
         sources = []
         for name in names:
             member = v.member(name)
@@ -716,20 +731,22 @@ class Store:
             aux = {r.key: r for r in self.registry.entry_blobs(entry.id, "aux")}
             if "config.json" not in aux:
                 raise StoreError(f"entry {name!r} has no config.json; a composition needs each entry's config")
-            masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
+            masks = blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
             sources.append(EntrySource(name, entry.modality, self.blobs.get(aux["config.json"].digest),
                                        KeyMap.from_json(entry.keymap),
-                                       self.blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
+                                       blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
                                        member.scale))
-        vbase = self._verified_base(base_rec)
         config = next((p for p in vbase.checkpoint.aux_files() if p.name == "config.json"), None)
         if config is None:
             raise StoreError(f"the base at {base_rec.source_path} has no config.json; a composition builds its LLM "
                              "from it")
-        return build_composed(config.read_text(), list(vbase.llm_shapes()), vbase.get,
-                              self.blob_source(self.registry.version_blobs(v.id, "merged")), sources,
-                              text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
-                              cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        composed = build_composed(config.read_text(), list(shapes), vbase.get,
+                                  blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                                  text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
+                                  cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        del sources, reader, blob_source  # the build's reader and its decoded maps go now, not at the next gc
+        release_free_memory()
+        return composed
 
     # ---- maintenance ---------------------------------------------------------------------
     def audit(self, check_base: bool = False, progress: Progress | None = None) -> AuditReport:

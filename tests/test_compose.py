@@ -15,7 +15,7 @@ from mmer_cl import MergeParams
 from mmer_cl.adapters import AdapterError, LlavaAdapter, register_adapter
 from mmer_cl.compose import CompositionError
 from mmer_cl.compose.bits import pack_bits, unpack_bits
-from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache
+from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache, expand
 from mmer_cl.reconstruct import reconstruct
 from mmer_cl.store import Store
 
@@ -53,6 +53,39 @@ def test_routed_tensor_serves_every_route_bit_for_bit_as_reconstruct(dtype, chun
             got = rt.make_resident(r) if rt.can_reside(r) else rt.get(r, cache)
             assert torch.equal(got, expected[r]), r  # (reconstruct turns -0.0 + 0 into +0.0: equal values)
     assert not rt.can_reside(3)  # scale != 1: always a materialised copy, exact float math
+
+
+def test_expand_places_values_at_the_true_positions_like_masked_scatter():
+    gen = torch.Generator().manual_seed(1)
+    for n, p in ((1000, 0.5), (37, 0.0), (64, 1.0), (4099, 0.03)):
+        where = torch.rand(n, generator=gen) < p
+        values = torch.randint(-2**15, 2**15, (int(where.sum()) or 1,), generator=gen, dtype=torch.int16)
+        values = values[:int(where.sum())] if where.any() else values
+        expected = torch.zeros(n, dtype=torch.int16).masked_scatter_(where, values)
+        assert torch.equal(expand(where, values), expected), (n, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_tensor_keeps_only_positions_the_merge_changes_and_stays_exact(dtype, monkeypatch):
+    """tau_* of every magnitude: sub-ulp values (the weight does not change: not stored), small ones (only the
+    low half of the bit pattern changes) and large ones (sign and exponent change: the sparse high half)."""
+    monkeypatch.setattr("mmer_cl.compose.weights.CHUNK", 256)
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 48, generator=gen).to(dtype)
+    magnitude = 10 ** (torch.rand(64, 48, generator=gen) * 9 - 8)  # 1e-8 .. 1e1
+    merged = torch.randn(64, 48, generator=gen) * magnitude * (torch.rand(64, 48, generator=gen) > 0.3)
+    masks = [torch.rand(64, 48, generator=gen) > p for p in (0.2, 0.5, 0.7)]
+    rt = RoutedTensor("w", base.clone(), merged, masks, scales=[1.0, 1.0, 1.0])  # its working copy changes
+    changed = reconstruct(base, torch.ones_like(masks[0]), merged) != base
+    assert rt.nnz == int((changed & (merged != 0)).sum()) < int((merged != 0).sum())  # sub-ulp tau not stored
+    assert 0 < rt.high.numel() < rt.nnz  # high halves only where sign/exponent moved
+    for r in [2, 3, 1, 4, 0, 3, 2]:
+        assert torch.equal(rt.make_resident(r), reconstruct(base, masks[r - 2], merged) if r >= 2 else
+                           (base if r == BASE else reconstruct(base, torch.ones_like(masks[0]), merged))), r
+    sizes = rt.sizes()
+    assert sizes["masks"] == 3 * ((rt.nnz + 7) // 8)  # entry masks only, 1 bit per stored position
+    # the halves cost less than one full-width XOR per position (the high half is mostly zero)
+    assert sizes["merged"] < base.element_size() * rt.nnz + base.numel() // 8 + rt.nnz // 8
 
 
 def test_cache_never_exceeds_its_byte_budget():
@@ -277,6 +310,53 @@ def test_a_zero_byte_cache_still_composes_and_holds_no_dense_copy(qwen_store):
     assert composed.cache.bytes == 0
     b = logits(qwen_store.compose(cache_bytes=1 << 24), input_ids=ids, inputs=inputs)
     assert torch.equal(a, b)
+
+
+def test_a_mixed_input_switches_the_working_weights_in_place_and_ends_on_the_text_route(qwen_store):
+    composed = qwen_store.compose(cache_bytes=1 << 30)  # a cache that could hold every route: still unused
+    t = cb.text_ids(7, 1, 3)
+    ids = cb.ids_with(t, ("image", 1), ("audio", 1), t)
+    inputs = {"vision": cb.image_inputs(batch=1), "audio": cb.audio_inputs(batch=1)}
+    logits(composed, input_ids=ids, inputs=inputs)
+    assert composed.cache.bytes == 0 and composed.cache.misses == 0  # no dense copy of any route was made
+    merged = composed.route_of["merged"]
+    assert all(rt.resident == merged for rt in composed.tensors.values())  # decoding text needs no switch
+    before = {k: rt.working.clone() for k, rt in composed.tensors.items()}
+    composed.generate(ids, inputs=inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert all(torch.equal(rt.working, before[k]) for k, rt in composed.tensors.items())
+
+
+def test_a_mixed_input_switches_each_weight_once_per_extra_route_and_never_the_embedding(qwen_store, monkeypatch):
+    composed = qwen_store.compose()  # text tokens on merged
+    t = cb.text_ids(8, 1, 3)
+    ids = cb.ids_with(t, ("image", 1), ("audio", 1), t)
+    inputs = {"vision": cb.image_inputs(batch=1), "audio": cb.audio_inputs(batch=1)}
+    logits(composed, input_ids=ids, inputs=inputs)  # now every weight holds the text route
+    switches = []
+    original = RoutedTensor._toggle
+    monkeypatch.setattr(RoutedTensor, "_toggle", lambda self, target, src, dst: (
+        switches.append((self.name, src, dst)) if src != dst else None, original(self, target, src, dst))[1])
+    logits(composed, input_ids=ids, inputs=inputs)
+    names = [n for n, _, _ in switches]
+    embed = next(k for k in composed.tensors if k.endswith("embed_tokens.weight"))
+    assert embed not in names  # placeholder rows are replaced by features: looked up on the text route
+    assert all(names.count(k) == 2 for k in composed.tensors if k != embed)  # text -> vision -> audio
+
+
+def test_memory_parts_add_up_and_masks_cost_one_bit_per_stored_position(qwen_store):
+    composed = qwen_store.compose()
+    mem = composed.memory()
+    assert mem["total"] == sum(mem[k] for k in ("llm_working", "merged", "masks", "extras", "encoders", "cache"))
+    assert mem["merged_and_masks"] == mem["merged"] + mem["masks"] + mem["extras"]
+    assert mem["masks"] == sum(2 * ((t.nnz + 7) // 8) for t in composed.tensors.values())  # 2 entries
+    assert mem["cache"] == 0
+
+
+def test_the_build_reads_the_largest_tensors_first(qwen_store):
+    steps = []
+    composed = qwen_store.compose(progress=lambda i, n, key: steps.append(key))
+    sizes = [composed.tensors[k].numel for k in steps]
+    assert len(steps) == len(composed.tensors) and sizes == sorted(sizes, reverse=True)
 
 
 def test_memory_holds_one_dense_llm_plus_compact_merged_and_masks(qwen_store):

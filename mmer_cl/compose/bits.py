@@ -16,9 +16,14 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.uint8)
 
 
+# byte value -> its 8 bits as 0/1 bytes (MSB first), read as one int64 word: unpacking is one gather of words
+_WORDS = ((torch.arange(256).view(-1, 1) >> torch.arange(7, -1, -1)) & 1).to(torch.uint8).view(torch.int64).view(-1)
+
+
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` booleans held in ``packed`` (the inverse of :func:`pack_bits`), 1-D."""
-    return ((packed.view(-1, 1) >> _SHIFTS) & 1).view(-1)[:numel].bool()
+    bytes_ = _WORDS.index_select(0, packed.reshape(-1).int()).view(torch.uint8)
+    return bytes_[:numel].view(torch.bool)  # 0/1 bytes ARE valid booleans: a view, no copy
 
 
 def int_view_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,7 @@ from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache
 from mmer_cl.keymap import KeyMap
 
 TensorSource = Callable[[str], torch.Tensor]
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_CACHE_BYTES = 64 * 2**20  # dense copies of routes that cannot live in the working copy (emr scales, rows)
 DEFAULT_TEXT_PARAMS = "merged"  # text tokens of a mixed input (measured: README, "Expansion")
 DEFAULT_TEXT_ONLY = "base"  # inputs without any modality
 
@@ -36,6 +36,13 @@ class EntrySource:
 
 class ComposedModel(nn.Module):
     """Base LLM once, merged vector once (compact), packed masks, and every entry's own encoder and projector.
+
+    The LLM weights exist as ONE dense working copy (base dtype); every route
+    (base, merged, each entry) is reached by switching it in place, exactly
+    (:class:`mmer_cl.compose.weights.RoutedTensor`). A mixed input switches each
+    layer's weights route by route as its tokens pass (no second dense copy)
+    (the route a layer holds first, the text route last unless the layer held it at the start,
+    so the tokens ``generate`` decodes next usually need no switch).
 
     ``inputs`` maps entry names to that entry's modality inputs (e.g.
     ``{"vision": {"pixel_values": px}, "audio": {"input_features": f, "feature_attention_mask": m}}``).
@@ -87,7 +94,7 @@ class ComposedModel(nn.Module):
         routes, text_route = self._pending
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and tuple(embeds.shape[:2]) == tuple(routes.shape):
-            self.router.set(routes)
+            self.router.set(routes, last=text_route)
         else:
             self.router.set(text_route)
         return None
@@ -118,8 +125,13 @@ class ComposedModel(nn.Module):
                                        f"{ph}; they cannot be told apart in one input")
             placeholders[ph] = n
             routes[input_ids == ph] = self.route_of[n]
-        self.router.set(routes)
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        # the embedding rows of placeholder tokens are replaced by features below: look every token up on the
+        # text route (placeholders as id 0), so a mixed input does not switch the embedding matrix
+        self.router.set(text_route)
+        lookup = input_ids.masked_fill(torch.isin(input_ids, torch.tensor(list(placeholders), dtype=input_ids.dtype)),
+                                       0) if placeholders else input_ids
+        embeds = self.llm.get_input_embeddings()(lookup)
+        self.router.set(routes, last=text_route)
         prefixes = []
         for n in names:
             adapter, cfg = self.adapters[n], self.configs[n]
@@ -148,8 +160,8 @@ class ComposedModel(nn.Module):
                 inputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None, text_params: str | None = None,
                 **llm_kwargs):
         """The LLM's output (``.logits`` over the whole sequence, prefix positions included)."""
-        embeds, routes, attention_mask, _ = self.prepare(input_ids, attention_mask, inputs, text_params)
-        self.router.set(routes)
+        embeds, routes, attention_mask, text_route = self.prepare(input_ids, attention_mask, inputs, text_params)
+        self.router.set(routes, last=text_route)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs)
 
     @torch.no_grad()
@@ -177,12 +189,20 @@ class ComposedModel(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
-        """Bytes held: the LLM weights (one dense working copy), the compact merged/mask data, encoders, cache."""
-        working = sum(t.working.numel() * t.working.element_size() for t in self.tensors.values())
-        held = sum(t.held_bytes() for t in self.tensors.values())
+        """Bytes held, by part: ``llm_working`` (the ONE dense copy of the LLM weights, base dtype),
+        ``merged`` (the merged vector: bitmap of where it changes a weight, XOR patterns there, tau for
+        rescaled masks), ``masks`` (each entry's, packed), ``extras`` (rows entries append), ``encoders``
+        (every entry's encoder and projector), ``cache`` (dense copies of routes that cannot live in the
+        working copy), ``total``; ``merged_and_masks`` sums merged, masks and extras."""
+        parts = {"working": 0, "merged": 0, "masks": 0, "extras": 0}
+        for t in self.tensors.values():
+            for k, v in t.sizes().items():
+                parts[k] += v
         enc = sum(p.numel() * p.element_size() for p in self.encoders.parameters())
-        return {"llm_working": working, "merged_and_masks": held - working, "encoders": enc,
-                "cache": self.cache.bytes, "total": held + enc + self.cache.bytes}
+        compact = parts["merged"] + parts["masks"] + parts["extras"]
+        return {"llm_working": parts["working"], "merged": parts["merged"], "masks": parts["masks"],
+                "extras": parts["extras"], "merged_and_masks": compact, "encoders": enc, "cache": self.cache.bytes,
+                "total": parts["working"] + compact + enc + self.cache.bytes}
 
 
 def release_free_memory() -> None:
@@ -247,15 +267,22 @@ def build_composed(base_config: bytes | str | dict, base_names: Sequence[str], b
             raise CompositionError(f"the base checkpoint has no tensor {name}, which its config's model needs")
     ckpt_of = [e.keymap.base_to_ckpt() for e in entries]
     tensors: dict[str, RoutedTensor] = {}
-    keys = list(dict.fromkeys(by_param.values()))
+    shapes = {name: p.shape for name, p in params.items()}
+    # the largest tensors first: their full-size temporaries (decoded merged vector and masks) then exist
+    # while the composition holds the least, which keeps the build's peak memory low
+    keys = sorted(dict.fromkeys(by_param.values()), key=lambda k: -shapes[k].numel())
+    keep_tau = use_mask and any(e.scale != 1.0 for e in entries)
     for step, key in enumerate(keys, start=1):
-        masks, scales, extras = [], [], []
+        merged_t = merged(key)
+        rt = RoutedTensor(key, base(key), merged_t, keep_tau=keep_tau)
+        del merged_t
         for e, to_ckpt in zip(entries, ckpt_of):
-            masks.append(e.mask(key) if (use_mask and e.mask is not None) else None)
-            scales.append(e.scale if use_mask else 1.0)
             ck = to_ckpt.get(key)
-            extras.append(e.own(ck) if ck in e.keymap.resized else None)
-        tensors[key] = RoutedTensor(key, base(key), merged(key), masks, scales, extras)
+            extra = e.own(ck) if ck in e.keymap.resized else None
+            mask = e.mask(key) if (use_mask and e.mask is not None) else None
+            rt.add_route(mask, e.scale if use_mask else 1.0, extra)
+            del mask
+        tensors[key] = rt
         release_free_memory()
         if progress:
             progress(step, len(keys), key)

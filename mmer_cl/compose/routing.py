@@ -5,8 +5,10 @@ embeddings: all per-token operations) is wrapped in a :class:`RoutedLeaf`.
 A :class:`Router` says which route each token of the current call takes.
 When every token takes one route, the wrapped module runs as it is, on that
 route's weights (so its output is exactly the plain model's); otherwise the
-tokens are grouped by route, each group runs through the module with its
-route's weights, and the outputs are put back in token order. Attention,
+tokens are grouped by route and the module runs once per group, its
+working tensors switched in place (an exact XOR) to that group's route
+before, so each layer's weights of only ONE route exist at any time; the
+outputs are put back in token order. Attention,
 rotary embeddings and everything else between those modules see the whole
 sequence, untouched.
 """
@@ -27,23 +29,37 @@ class CompositionError(MmerError):
 
 
 class Router:
-    """Which route each token of the current call takes: one route for all, or a (batch, seq) tensor."""
+    """Which route each token of the current call takes: one route for all, or a (batch, seq) tensor.
+
+    ``last``: the route a mixed call visits last when the working tensors do not hold it at the start (the
+    text route: the tokens that ``generate`` decodes next then run on it with no switch).
+    """
 
     def __init__(self, cache: WeightCache):
         self.cache = cache
         self.single: int | None = 0
         self.routes: torch.Tensor | None = None
         self.present: list[int] = [0]
+        self.last: int | None = None
+        self.groups: dict[int, torch.Tensor] = {}
 
-    def set(self, routes: torch.Tensor | int) -> None:
+    def set(self, routes: torch.Tensor | int, last: int | None = None) -> None:
+        self.last = last
         if isinstance(routes, int):
-            self.single, self.routes, self.present = routes, None, [routes]
+            self.single, self.routes, self.present, self.groups = routes, None, [routes], {}
             return
         present = sorted(int(r) for r in torch.unique(routes))
         if len(present) == 1:
-            self.set(present[0])
+            self.set(present[0], last)
         else:
             self.single, self.routes, self.present = None, routes, present
+            flat = routes.reshape(-1)
+            self.groups = {r: (flat == r).nonzero().squeeze(1) for r in present}
+
+    def order(self, resident: int) -> list[int]:
+        """The present routes in the order a mixed call visits them: the one the working tensors hold first,
+        ``last`` last (each step an in-place switch of the working tensors)."""
+        return sorted(self.present, key=lambda r: 0 if r == resident else (2 if r == self.last else 1))
 
 
 class RoutedLeaf(nn.Module):
@@ -69,17 +85,14 @@ class RoutedLeaf(nn.Module):
             return getattr(self.inner, name)
 
     def _run(self, route: int, x: torch.Tensor) -> torch.Tensor:
-        tensors = self._tensors.values()
-        router = self._router
+        tensors = self._list
         if all(rt.can_reside(route) for rt in tensors):
-            # one route: it moves into the working tensors (exact XOR toggle, no copy); mixed: the first
-            # route takes them unless another present route already holds them, the rest come from the cache
-            if router.single is not None or any(rt.resident not in router.present for rt in tensors):
-                for rt in tensors:
-                    rt.make_resident(route)
-            if all(rt.resident == route for rt in tensors):
-                return self.inner(x)
-        params = {name: rt.get(route, router.cache) for name, rt in self._tensors.items()}
+            # the route moves into the working tensors (exact XOR toggle in place, no copy)
+            for rt in tensors:
+                rt.make_resident(route)
+            return self.inner(x)
+        # a route that cannot live in the working tensors (rescaled mask, appended rows): a cached dense copy
+        params = {name: rt.get(route, self._router.cache) for name, rt in self._tensors.items()}
         slots = self.inner._parameters
         saved = {name: slots[name] for name in params}
         try:  # run the unchanged module on this route's tensors (cheaper than torch.func.functional_call)
@@ -96,17 +109,19 @@ class RoutedLeaf(nn.Module):
                 return self.inner(x)
             return self._run(single, x)
         routes = router.routes
+        groups = router.groups
         if x.dim() >= 2 and x.shape[0] == routes.shape[0] and x.shape[1] < routes.shape[1]:
             routes = routes[:, routes.shape[1] - x.shape[1]:]  # e.g. lm_head on the last positions only
+            flat_routes = routes.reshape(-1)
+            groups = {r: (flat_routes == r).nonzero().squeeze(1) for r in router.present}
         lead = routes.shape
         if tuple(x.shape[:len(lead)]) != tuple(lead):
             raise CompositionError(f"routes of shape {tuple(lead)} do not match an input of shape "
                                    f"{tuple(x.shape)}; give one route per token")
         flat = x.reshape(-1, *x.shape[len(lead):])
-        route_flat = routes.reshape(-1)
         out = None
-        for r in router.present:
-            sel = (route_flat == r).nonzero().squeeze(1)
+        for r in router.order(self._list[0].resident):
+            sel = groups[r]
             if sel.numel() == 0:
                 continue
             y = self._run(r, flat[sel])

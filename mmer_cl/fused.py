@@ -29,58 +29,55 @@ def _ties_mmer(values, cut, ties, alpha, lams, merged, masks) -> None:
     n = merged.size
     left = ties.copy()
     scale = alpha[0]
-    val = np.empty(_BLOCK, dtype=np.float32)
+    val = np.empty((k, _BLOCK), dtype=np.float32)
     word = val.view(np.int32)
-    hat = np.empty(_BLOCK, dtype=np.float32)
     pos = np.empty(_BLOCK, dtype=np.float32)
     neg = np.empty(_BLOCK, dtype=np.float32)
-    n_pos = np.empty(_BLOCK, dtype=np.int32)
-    n_neg = np.empty(_BLOCK, dtype=np.int32)
+    n_pos = np.empty(_BLOCK, dtype=np.float32)  # counts as floats: exact below 2**24, and the loops vectorise
+    n_neg = np.empty(_BLOCK, dtype=np.float32)
     out = np.empty(_BLOCK, dtype=np.float32)
     zero = np.float32(0.0)
+    one = np.float32(1.0)
     for start in range(0, n, _BLOCK):
         stop = min(start + _BLOCK, n)
         width = stop - start
-        pos[:] = zero
-        neg[:] = zero
-        n_pos[:] = 0
-        n_neg[:] = 0
-        for i in range(k):  # fold the trimmed vectors in model order, as the accumulator sums do
-            val[:width] = values[i][start:stop]
+        pos[:width] = zero
+        neg[:width] = zero
+        n_pos[:width] = zero
+        n_neg[:width] = zero
+        for i in range(k):  # trim each vector and fold it in, in model order, as the accumulator sums do
+            val[i, :width] = values[i][start:stop]
             c = np.int32(cut[i])
-            for j in range(width):
-                hat[j] = val[j] if (word[j] & 0x7FFFFFFF) > c else zero
-            if c > 0 and left[i] > 0:  # the earliest ties at the threshold are kept too
+            v, w = val[i], word[i]
+            ties_end = 0  # ties at the threshold before this position are kept (the earliest ones overall)
+            if c > 0 and left[i] > 0:
+                ties_end = width
                 for j in range(width):
-                    if left[i] > 0 and np.int64(word[j] & 0x7FFFFFFF) == c:
-                        hat[j] = val[j]
+                    if (w[j] & 0x7FFFFFFF) == c:
                         left[i] -= 1
+                        if left[i] == 0:
+                            ties_end = j + 1
+                            break
             for j in range(width):
-                h = hat[j]
-                pos[j] += max(h, zero)
-                neg[j] += min(h, zero)
-                n_pos[j] += h > zero
-                n_neg[j] += h < zero
-        for j in range(width):
+                key = w[j] & 0x7FFFFFFF
+                x = v[j] if key > c or (key == c and j < ties_end) else zero
+                pos[j] += max(x, zero)
+                neg[j] += min(x, zero)
+                n_pos[j] += one if x > zero else zero
+                n_neg[j] += one if x < zero else zero
+        for j in range(width):  # the disjoint mean on the elected sign
             total = pos[j] + neg[j]
-            up = pos[j] / np.float32(max(n_pos[j], 1))
-            down = neg[j] / np.float32(max(n_neg[j], 1))
-            m = up if total > zero else (down if total < zero else zero)
-            out[j] = m
-        if scale != np.float32(1.0):
+            up = pos[j] / max(n_pos[j], one)
+            down = neg[j] / max(n_neg[j], one)
+            out[j] = up if total > zero else (down if total < zero else zero)
+        if scale != one:
             for j in range(width):
                 out[j] = scale * out[j]
         merged[start:stop] = out[:width]
-        for i in range(k):
-            val[:width] = values[i][start:stop]
-            lam = lams[i]
-            mask = masks[i]
-            if lam == np.float32(1.0):
-                for j in range(width):
-                    mask[start + j] = abs(val[j]) >= abs(val[j] - out[j])
-            else:
-                for j in range(width):
-                    mask[start + j] = abs(val[j]) >= abs(val[j] - out[j]) * lam
+        for i in range(k):  # mmer masks: |tau_i| >= lambda |tau_i - tau_*| (times 1.0 is exact)
+            v, lam, mask = val[i], lams[i], masks[i]
+            for j in range(width):
+                mask[start + j] = abs(v[j]) >= abs(v[j] - out[j]) * lam
 
 
 def applies(taus: Sequence[torch.Tensor], rule: str) -> bool:

@@ -60,7 +60,7 @@ from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, 
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
 from registry.postgres import normalise_url
 from registry.registry import shown_url
-from storage import BlobError, BlobStore, TensorReader, encode
+from storage import BlobError, BlobStore, TensorReader, encode, jit
 
 DB_NAME = "registry.db"
 LOCK_NAME = ".lock"
@@ -740,10 +740,12 @@ class Store:
         if config is None:
             raise StoreError(f"the base at {base_rec.source_path} has no config.json; a composition builds its LLM "
                              "from it")
-        composed = build_composed(config.read_text(), list(shapes), vbase.get,
-                                  blob_source(self.registry.version_blobs(v.id, "merged")), sources,
-                                  text_params=text_params, text_only=text_only, use_mask=use_mask, progress=progress,
-                                  cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        with jit.suspended():  # a serving process need not carry numba's LLVM (~130 MiB) for a one-off build
+            composed = build_composed(config.read_text(), list(shapes), vbase.get,
+                                      blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                                      text_params=text_params, text_only=text_only, use_mask=use_mask,
+                                      progress=progress,
+                                      cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
         del sources, reader, blob_source  # the build's reader and its decoded maps go now, not at the next gc
         release_free_memory()
         return composed

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 _OFF = ("0", "false", "no", "off")
+_suspended = 0
 
 
 @functools.cache
@@ -27,8 +29,21 @@ def _numba() -> Any | None:
 
 
 def enabled() -> bool:
-    """Whether compiled kernels run (numba importable and ``MMER_JIT`` not set to 0)."""
-    return os.environ.get("MMER_JIT", "1").strip().lower() not in _OFF and _numba() is not None
+    """Whether compiled kernels run (numba importable, ``MMER_JIT`` not set to 0, not :func:`suspended`)."""
+    return (not _suspended and os.environ.get("MMER_JIT", "1").strip().lower() not in _OFF
+            and _numba() is not None)
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """The plain paths inside the block, in every thread: for work where numba's own memory (about 130 MiB
+    once LLVM is loaded) costs more than its speed gains, such as building a composed model."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def kernel(fn: Callable) -> Callable:

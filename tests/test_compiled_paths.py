@@ -187,3 +187,16 @@ def test_sum_of_squares_and_zero_fraction_agree_both_ways(monkeypatch):
             assert compiled == pytest.approx(plain, rel=1e-9, abs=1e-12), (dtype, name)
             plain, compiled = both_ways(monkeypatch, lambda: codecs.zero_fraction(t))
             assert plain == compiled, (dtype, name)
+
+
+def test_suspending_the_compiled_loops_switches_every_thread_to_the_plain_paths(monkeypatch):
+    import threading
+
+    monkeypatch.setenv("MMER_JIT", "1")
+    seen = []
+    with jit.suspended():
+        worker = threading.Thread(target=lambda: seen.append(jit.enabled()))
+        worker.start()
+        worker.join()
+        assert not jit.enabled()
+    assert seen == [False] and jit.enabled()

@@ -37,7 +37,7 @@ def fault_point(name: str) -> None:
     if point != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
+    if _hits[name] == int(nth or 1):  # once: a Ctrl-C is one signal, even when the point runs again after it
         sig = signal.SIGINT if os.environ.get(ENV_SIGNAL) == "INT" else signal.SIGKILL
         os.kill(os.getpid(), sig)
 

@@ -57,10 +57,6 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             if item is _DONE:
                 return
             yield item
-    finally:
+    finally:  # no waiting here: an interrupt landing in a generator's cleanup would be lost
         stop.set()
-        while worker.is_alive():
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                worker.join(timeout=0.05)
+        permits.release()  # a producer waiting for a permit wakes, sees ``stop`` and ends

@@ -94,7 +94,7 @@ def test_ctrl_c_mid_expand_exits_130_and_leaves_the_store_as_it_was(trial):
     before = store_state(trial["store"])
     result = mmer(trial["store"], "expand", "--density", "0.3",
                   env={"MMER_FAULT": "blob.after_rename@3", "MMER_FAULT_SIGNAL": "INT"})
-    assert result.returncode == 130, result.stderr
+    assert result.returncode == 130, (result.stderr, result.stdout)
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
     after = store_state(trial["store"])
     assert after["ok"] and after["current"] == before["current"] and after["versions"] == before["versions"]

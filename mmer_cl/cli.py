@@ -25,6 +25,7 @@ import click
 
 from mmer_cl.errors import StoreDamagedError
 from mmer_cl.failures import describe_failure
+from mmer_cl.interrupts import remember_interrupts
 from mmer_cl.table import Right, human_bytes, render_table
 
 if TYPE_CHECKING:
@@ -772,6 +773,7 @@ def main() -> None:
     # A file-size limit (ulimit -f) must end in EFBIG, a message and exit 1, not a kill by SIGXFSZ.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    remember_interrupts()  # a Ctrl-C swallowed by library code is raised again at the next tensor
     cli(prog_name="mmer")
 
 

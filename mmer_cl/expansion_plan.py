@@ -30,6 +30,7 @@ from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import MmerError
 from mmer_cl.expansion import expand_tensor
 from mmer_cl.masks import emr_rescale
+from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.merging import TrimThreshold
 from mmer_cl.params import MergeParams
 from mmer_cl.prefetch import prefetched
@@ -282,6 +283,7 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
     with torch_single_threaded(), write_behind(put, depth=1) as put_behind:
         writer = _GroupWriter(plan, put_behind)
         for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
+            raise_if_interrupted()
             writer.add(job, inputs)
             if step in ends:
                 results.append(writer.finish())

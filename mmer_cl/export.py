@@ -17,6 +17,7 @@ import torch
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.dtypes import DTYPES
 from mmer_cl.export_guard import Protected
+from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.keymap import KeyMap
 from mmer_cl.prefetch import prefetched
 from mmer_cl.reconstruct import reconstruct
@@ -129,6 +130,7 @@ def write_model(
         writer = ShardedWriter(tmp, specs, max_shard_bytes, groups, metadata)
         try:
             for i, (name, tensor) in enumerate(prefetched(tensors), start=1):  # next one read meanwhile
+                raise_if_interrupted()
                 writer.add(name, tensor)
                 if progress:
                     progress(i, len(specs), name)

@@ -43,6 +43,7 @@ from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_l
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
+from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.keymap import KeyMap
 from mmer_cl.locks import writer_lock
 from mmer_cl.lora import open_checkpoint
@@ -360,29 +361,36 @@ class Store:
         llm_params = own_params = ckpt_bytes = 0
         own_keys = set(keymap.own_keys())
 
-        def read(key: str) -> tuple[str, torch.Tensor, str, torch.Tensor | None]:
-            """One tensor, its sha256, and its base tensor (checked): read ahead on a second thread."""
+        def read(key: str) -> tuple:
+            """One tensor and its sha256 and, for an LLM tensor, its task vector (against the checked base
+            tensor), trims and squared norms: computed a tensor ahead, on a second thread, while this one
+            compresses and writes the previous tensor."""
             t = ckpt.get(key)
+            digest = tensor_digest(t)
             base_key = keymap.llm.get(key)
-            return key, t, tensor_digest(t), vbase.get(base_key) if base_key is not None else None
+            if base_key is None:
+                return key, t, digest, None, [], (0.0, 0.0)
+            b = vbase.get(base_key).to(self.device)
+            if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
+                tau = ckpt.task_vector(key, b)
+            else:
+                tau = task_vector(b, keymap.llm_part(key, t))
+            found = [(density, trim_threshold(tau, density)) for density in densities]  # so expand need not
+            # matrices only: norm scales (often all ones) would mask a foreign base
+            squares = (sum_of_squares(tau), sum_of_squares(b)) if tau.dim() >= 2 else (0.0, 0.0)
+            return key, t, digest, tau, found, squares
 
-        for step, (key, t, digest, b) in enumerate(prefetched(read(k) for k in keymap.order), start=1):
+        for step, (key, t, digest, tau, found, squares) in enumerate(prefetched(read(k) for k in keymap.order),
+                                                                    start=1):
+            raise_if_interrupted()
             info = ckpt.infos[key]
             parts.append((key, info.shape, info.dtype, digest))
             ckpt_bytes += t.numel() * t.element_size()
             base_key = keymap.llm.get(key)
             if base_key is not None:
-                b = b.to(self.device)
-                if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
-                    tau = ckpt.task_vector(key, b)
-                else:
-                    tau = task_vector(b, keymap.llm_part(key, t))
-                for density in densities:  # so that expand need not select them
-                    found = trim_threshold(tau, density)
-                    trims.append(Trim(0, density, base_key, found.bits, found.ties))
-                if tau.dim() >= 2:  # matrices: norm scales (often all ones) would mask a foreign base
-                    sq_tau += sum_of_squares(tau)
-                    sq_base += sum_of_squares(b)
+                trims += [Trim(0, density, base_key, f.bits, f.ties) for density, f in found]
+                sq_tau += squares[0]
+                sq_base += squares[1]
                 llm_params += tau.numel()
                 if reference:
                     sources[base_key] = {"key": key, "sha256": parts[-1][3], "rows": keymap.resized.get(key)}

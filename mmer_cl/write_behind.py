@@ -15,6 +15,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from mmer_cl.interrupts import raise_if_interrupted
 from storage.blobstore import sha256
 
 Put = Callable[[bytes], str]
@@ -51,6 +52,7 @@ class WriteBehind:
             raise self._error
 
     def put(self, data: bytes) -> str:
+        raise_if_interrupted()
         self._raise()
         digest = sha256(data)
         self._queue.put((data, digest))
@@ -61,6 +63,7 @@ class WriteBehind:
         self._queue.put(_STOP)
         self._thread.join()
         self._raise()
+        raise_if_interrupted()
 
 
 @contextmanager

@@ -63,3 +63,15 @@ def test_leaving_the_block_on_an_error_waits_for_the_writer_so_nothing_lands_aft
     count = len(landed)
     time.sleep(0.2)
     assert len(landed) == count  # the writer thread is done: a rollback after this sees every blob
+
+
+def test_a_recorded_ctrl_c_is_raised_at_the_next_put_even_if_it_was_swallowed_before():
+    import mmer_cl.interrupts as interrupts
+
+    interrupts._requested.set()  # what the CLI's SIGINT handler records before raising
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with write_behind(lambda data: sha256(data)) as put:
+                put(b"blob")
+    finally:
+        interrupts._requested.clear()

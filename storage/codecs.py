@@ -206,14 +206,19 @@ def int_view(t: torch.Tensor) -> np.ndarray:
 _UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+def _magnitude_bits(words: np.ndarray, floating: bool) -> np.ndarray:
+    """The bits that make a word nonzero: all of them, or all but a float's sign bit (``-0.0`` is zero)."""
+    every = np.iinfo(words.dtype).max
+    return np.array([every >> 1 if floating else every], dtype=words.dtype)
+
+
 def split_nonzero(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a flat float tensor is nonzero (``-0.0`` counts as zero) and its values there, in order."""
     if not jit.enabled() or not flat.numel():
         nonzero = flat != 0
         return nonzero, flat[nonzero]
     words = int_view(flat)
-    every = np.iinfo(words.dtype).max
-    magnitude = np.array([every >> 1 if flat.is_floating_point() else every], dtype=words.dtype)
+    magnitude = _magnitude_bits(words, flat.is_floating_point())
     where = np.empty(flat.numel(), dtype=np.bool_)
     count = kernels.count_nonzero(words, magnitude)
     picked = np.empty(count + 1, dtype=words.dtype)  # one spare slot (see kernels.nonzero_values)
@@ -256,9 +261,7 @@ def zero_fraction(t: torch.Tensor) -> float:
         return 0.0
     if jit.enabled() and t.device.type == "cpu" and t.element_size() in _UINTS:
         words = int_view(t.detach().reshape(-1))
-        every = np.iinfo(words.dtype).max
-        magnitude = np.array([every >> 1 if t.is_floating_point() else every], dtype=words.dtype)
-        return 1.0 - kernels.count_nonzero(words, magnitude) / t.numel()
+        return 1.0 - kernels.count_nonzero(words, _magnitude_bits(words, t.is_floating_point())) / t.numel()
     return 1.0 - int(torch.count_nonzero(t)) / t.numel()
 
 
@@ -286,10 +289,21 @@ def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
     if codec == "bits":
         return unbits(parts[0], numel).reshape(shape)
     if codec == "sparse":
-        nonzero = unbits(parts[0], numel)
-        values = unplanes(parts[1], dtype, [count_true(nonzero)])
-        return scatter_into(zeros(numel, dtype), nonzero, values).reshape(shape)
+        return decode_sparse(header, parts)
     raise CodecError(f"codec {codec!r} needs other blobs to decode; read it through a TensorReader")
+
+
+def sparse_nonzero(header: dict, parts: list[memoryview]) -> torch.Tensor:
+    """Where a ``sparse`` blob's tensor is nonzero (flat bool), without decoding its values."""
+    return unbits(parts[0], numel_of(header["shape"]))
+
+
+def decode_sparse(header: dict, parts: list[memoryview], nonzero: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``sparse`` blob's tensor; ``nonzero``, where the caller has it already, is :func:`sparse_nonzero`."""
+    dtype, shape = dtype_of(header["dtype"]), header["shape"]
+    nonzero = sparse_nonzero(header, parts) if nonzero is None else nonzero
+    values = unplanes(parts[1], dtype, [count_true(nonzero)])
+    return scatter_into(zeros(nonzero.numel(), dtype), nonzero, values).reshape(shape)
 
 
 def decode(blob: bytes) -> torch.Tensor:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from storage.blobstore import BlobStore
-from storage.codecs import CodecError, decode_parts, unbits, unpack
+from storage.codecs import CodecError, decode_parts, decode_sparse, sparse_nonzero, unpack
 from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, delta_values,
                            full_mask, linked_digests, member_bits, pack_members)
 
@@ -68,6 +68,8 @@ class TensorReader:
             if key is None:
                 raise CodecError(f"blob {digest} packs several masks; name the tensor key to read")
             return self._mask(digest, header, parts, key)
+        if codec == "sparse":  # its nonzero map is kept: the masks ordered by it read it next
+            return decode_sparse(header, parts, self._sparse_nonzero(digest, header, parts))
         return decode_parts(header, parts)
 
     def members(self, digest: str) -> list[dict]:
@@ -112,14 +114,21 @@ class TensorReader:
             return cached
         header, parts = unpack(self.blobs.get(digest))
         if header["codec"] == "sparse":
-            nz = unbits(parts[0], int(torch.Size(header["shape"]).numel()))
-        elif header["codec"] == "delta":
+            return self._sparse_nonzero(digest, header, parts)
+        if header["codec"] == "delta":
             support = decode_support(header, parts)
             nz = self.nonzero(header["parent"]).clone()
             nz[support] = delta_values(header, parts, support) != 0
         else:
             nz = (self.tensor(digest) != 0).reshape(-1)
         self._cache.put(("nonzero", digest), nz, nz.numel())
+        return nz
+
+    def _sparse_nonzero(self, digest: str, header: dict, parts) -> torch.Tensor:
+        nz = self._cache.get(("nonzero", digest))
+        if nz is None:
+            nz = sparse_nonzero(header, parts)
+            self._cache.put(("nonzero", digest), nz, nz.numel())
         return nz
 
     def _mask(self, digest: str, header: dict, parts, key: str) -> torch.Tensor:

@@ -58,10 +58,14 @@ class WriteBehind:
         self._queue.put((data, digest))
         return digest
 
-    def close(self) -> None:
-        """Wait for every queued write; raise the writer's error, if any."""
+    def wait(self) -> None:
+        """Let the writer finish what is queued, then end it."""
         self._queue.put(_STOP)
         self._thread.join()
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the writer's error, if any."""
+        self.wait()
         self._raise()
         raise_if_interrupted()
 
@@ -73,7 +77,6 @@ def write_behind(put: Put, depth: int = 2) -> Iterator[Put]:
     try:
         yield writer.put
     except BaseException:
-        writer._queue.put(_STOP)
-        writer._thread.join()
+        writer.wait()  # nothing may land after the caller's rollback
         raise
     writer.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 MARKER_NAME = "mmer-store.json"
@@ -61,6 +61,18 @@ class Backend(Protocol):
 
 
 _USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+def paged(items: Iterable[tuple[str, int]], page_size: int) -> Iterator[list[tuple[str, int]]]:
+    """``items`` in lists of at most ``page_size`` (the listing itself stays a stream)."""
+    page: list[tuple[str, int]] = []
+    for item in items:
+        page.append(item)
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
 
 
 def scrub_url(url: str) -> str:

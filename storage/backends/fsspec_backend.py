@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from typing import Iterator
 
-from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError, scrub_url
+from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError, paged, scrub_url
 
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"}
 NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
@@ -130,23 +130,19 @@ class FsspecBackend:
             return []
 
     def list_pages(self, page_size: int = PAGE_SIZE) -> Iterator[list[tuple[str, int]]]:
+        return paged(self._objects(), page_size)
+
+    def _objects(self) -> Iterator[tuple[str, int]]:
         self.fs.invalidate_cache()
         prefixes = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(self.root)
                           if e.get("type") == "directory")
-        page: list[tuple[str, int]] = []
         for prefix in prefixes:
             if len(prefix) != 2:
                 continue
             for e in sorted(self._ls(f"{self.root}/{prefix}"), key=lambda e: e["name"]):
                 name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-                if e.get("type") == "directory" or name.startswith("."):
-                    continue
-                page.append((f"{prefix}/{name}", int(e.get("size") or 0)))
-                if len(page) >= page_size:
-                    yield page
-                    page = []
-        if page:
-            yield page
+                if e.get("type") != "directory" and not name.startswith("."):
+                    yield f"{prefix}/{name}", int(e.get("size") or 0)
 
     def remove_temps(self) -> int:
         if self.atomic_put:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mmer_cl.faults import fault_point  # crash points of the reliability suite (no-ops unless MMER_FAULT is set)
-from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError
+from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError, paged
 
 TEMP_PREFIX = ".tmp-"
 
@@ -92,19 +92,15 @@ class LocalBackend:
         return size
 
     def list_pages(self, page_size: int = PAGE_SIZE) -> Iterator[list[tuple[str, int]]]:
-        page: list[tuple[str, int]] = []
+        return paged(self._objects(), page_size)
+
+    def _objects(self) -> Iterator[tuple[str, int]]:
         for sub in sorted(self.root.iterdir()):
             if not sub.is_dir():
                 continue
             for f in sorted(sub.iterdir()):
-                if f.name.startswith("."):
-                    continue
-                page.append((f"{sub.name}/{f.name}", f.stat().st_size))
-                if len(page) >= page_size:
-                    yield page
-                    page = []
-        if page:
-            yield page
+                if not f.name.startswith("."):
+                    yield f"{sub.name}/{f.name}", f.stat().st_size
 
     def remove_temps(self) -> int:
         n = 0

@@ -27,15 +27,13 @@ import struct
 
 import numpy as np
 import torch
-import zstandard
 
 from storage import jit, kernels
+from storage.frames import CodecError, unzstd, unzstd_array, zstd  # noqa: F401 (re-exported)
+from storage.planes import decode_planes, encode_planes
 
 MAGIC = b"MMT1"
-LEVEL = 1  # measured on task vectors, merged values and masks: smaller than level 3 and twice as fast
 SPARSE_ZERO_FRACTION = 1 / 4
-THREADED_BYTES = 8 * 1024**2  # above this, zstd compresses on every core
-_BLOCK = 1 << 16
 
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -44,35 +42,6 @@ _DTYPES = {
     "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class CodecError(ValueError):
-    """A blob's bytes are not a tensor this codec can decode."""
-
-
-def zstd(data: bytes | memoryview) -> bytes:
-    threads = -1 if len(data) >= THREADED_BYTES else 0
-    return zstandard.ZstdCompressor(level=LEVEL, threads=threads).compress(data)
-
-
-def unzstd(data: bytes | memoryview) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(data)
-
-
-def unzstd_array(data: bytes | memoryview) -> np.ndarray:
-    """Decompress into a fresh, writable uint8 array (no intermediate ``bytes`` copy where the frame says its size)."""
-    size = zstandard.frame_content_size(data)
-    if size < 0:  # the frame does not record its size
-        return np.frombuffer(unzstd(data), dtype=np.uint8).copy()
-    out = np.empty(size, dtype=np.uint8)
-    view, done = memoryview(out), 0
-    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-        while done < size:
-            got = reader.readinto(view[done:])
-            if not got:
-                raise CodecError("compressed data ends before the size its frame records")
-            done += got
-    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,43 +71,17 @@ def _from_bytes(data: bytes | np.ndarray, dtype: torch.dtype, shape: list[int]) 
     return torch.from_numpy(buf).view(dtype).reshape(shape)
 
 
-_WORDS = {2: np.uint16, 4: np.uint32}
-_SPLIT = {2: kernels.split2, 4: kernels.split4}
-_JOIN = {2: kernels.interleave2, 4: kernels.interleave4}
+def values_payload(t: torch.Tensor) -> tuple[bytes, dict]:
+    """zstd byte planes of a float tensor's values (:mod:`storage.planes`) and the header fields they need."""
+    payload, layout = encode_planes(_raw_bytes(t), t.element_size())
+    return payload, ({"layout": layout} if layout is not None else {})
 
 
-def split_planes(raw: np.ndarray, size: int) -> np.ndarray:
-    """A tensor's bytes regrouped as byte planes: (n * size,) -> (size, n)."""
-    n = raw.size // size
-    if size in _SPLIT and jit.enabled():
-        planes = np.empty((size, n), dtype=np.uint8)
-        _SPLIT[size](raw.view(_WORDS[size]), planes)
-        return planes
-    return np.ascontiguousarray(raw.reshape(n, size).T)
-
-
-def planes_payload(t: torch.Tensor) -> bytes:
-    """zstd of the tensor's bytes regrouped as byte planes."""
-    return zstd(split_planes(_raw_bytes(t), t.element_size()).data)
-
-
-def _interleave(planes: np.ndarray) -> np.ndarray:
-    """Inverse of the plane split: (size, n) -> n * size bytes."""
-    size, n = planes.shape
-    if size in _JOIN and jit.enabled():
-        words = np.empty(n, dtype=_WORDS[size])
-        _JOIN[size](planes, words)
-        return words.view(np.uint8)
-    out = np.empty((n, size), dtype=np.uint8)
-    for start in range(0, n, _BLOCK):  # block by block: cache friendly
-        out[start:start + _BLOCK] = planes[:, start:start + _BLOCK].T
-    return out.reshape(-1)
-
-
-def unplanes(payload: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def unplanes(payload: bytes | memoryview, dtype: torch.dtype, shape: list[int], layout: dict | None = None
+             ) -> torch.Tensor:
+    """Inverse of :func:`values_payload` (``layout``: the header's, None for the legacy layout)."""
     size = torch.empty((), dtype=dtype).element_size()
-    planes = unzstd_array(payload).reshape(size, -1)
-    return _from_bytes(_interleave(planes), dtype, shape)
+    return _from_bytes(decode_planes(payload, size, numel_of(shape), layout), dtype, shape)
 
 
 def pack_bits(mask: torch.Tensor) -> np.ndarray:
@@ -189,12 +132,14 @@ def encode_with(t: torch.Tensor, codec: str, split: Split | None = None) -> byte
     if codec == "raw":
         return pack(header, zstd(_raw_bytes(t).data))
     if codec == "planes":
-        return pack(header, planes_payload(t))
+        payload, fields = values_payload(t)
+        return pack(dict(header, **fields), payload)
     if codec == "bits":
         return pack(header, bits_payload(t))
     if codec == "sparse":
         nonzero, values = split if split is not None else split_nonzero(t.detach().to("cpu").reshape(-1))
-        return pack(header, bits_payload(nonzero), planes_payload(values))
+        payload, fields = values_payload(values)
+        return pack(dict(header, **fields), bits_payload(nonzero), payload)
     raise CodecError(f"unknown codec {codec!r}")
 
 
@@ -285,7 +230,7 @@ def decode_parts(header: dict, parts: list[memoryview]) -> torch.Tensor:
     if codec == "raw":
         return _from_bytes(unzstd_array(parts[0]), dtype, shape)
     if codec == "planes":
-        return unplanes(parts[0], dtype, shape)
+        return unplanes(parts[0], dtype, shape, header.get("layout"))
     if codec == "bits":
         return unbits(parts[0], numel).reshape(shape)
     if codec == "sparse":
@@ -302,7 +247,7 @@ def decode_sparse(header: dict, parts: list[memoryview], nonzero: torch.Tensor |
     """A ``sparse`` blob's tensor; ``nonzero``, where the caller has it already, is :func:`sparse_nonzero`."""
     dtype, shape = dtype_of(header["dtype"]), header["shape"]
     nonzero = sparse_nonzero(header, parts) if nonzero is None else nonzero
-    values = unplanes(parts[1], dtype, [count_true(nonzero)])
+    values = unplanes(parts[1], dtype, [count_true(nonzero)], header.get("layout"))
     return scatter_into(zeros(nonzero.numel(), dtype), nonzero, values).reshape(shape)
 
 

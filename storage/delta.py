@@ -30,7 +30,7 @@ import torch
 
 from storage import jit, kernels
 from storage.codecs import (bits_payload, count_true, dtype_name, dtype_of, from_words, int_view, numel_of, pack,
-                            planes_payload, scatter_into, unbits, unplanes, unzstd, zstd)
+                            scatter_into, unbits, unplanes, unzstd, values_payload, zstd)
 
 MAX_DEPTH = 8
 MAX_SUPPORT_FRACTION = 0.3  # beyond this a whole blob is about as small and needs no parent
@@ -53,7 +53,8 @@ def encode_delta(new: torch.Tensor, parent: torch.Tensor, parent_digest: str,
         return None
     header = {"codec": "delta", "dtype": dtype_name(new.dtype), "shape": list(new.shape), "parent": parent_digest,
               "depth": parent_depth + 1}
-    return pack(header, bits_payload(support), planes_payload(values)), support
+    payload, fields = values_payload(values)
+    return pack(dict(header, **fields), bits_payload(support), payload), support
 
 
 def changed(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,4 +257,4 @@ def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None
 
 def delta_values(header: dict, parts: list[memoryview], support: torch.Tensor) -> torch.Tensor:
     """The new values a ``delta`` blob holds, in support order."""
-    return unplanes(parts[1], dtype_of(header["dtype"]), [count_true(support)])
+    return unplanes(parts[1], dtype_of(header["dtype"]), [count_true(support)], header.get("layout"))

@@ -175,3 +175,55 @@ def none_with_all_bits(words: np.ndarray, bits: np.ndarray) -> bool:
         if bad:
             return False
     return True
+
+
+@kernel
+def disassemble(words: np.ndarray, dense: np.ndarray, dense_shifts: np.ndarray, signs: np.ndarray, sign_shift: int,
+                maps: np.ndarray, map_shifts: np.ndarray, picked: np.ndarray, counts: np.ndarray) -> None:
+    """Words -> the byte planes of a layout (see :mod:`storage.planes`).
+
+    ``dense[j]`` gets byte ``dense_shifts[j] // 8`` of every word; ``signs`` (empty: none) the packed
+    bit ``sign_shift``, which is then left out of the bytes; ``maps[j]`` (zeroed by the caller) the
+    packed map of where byte ``map_shifts[j] // 8`` is nonzero and ``picked[j, :counts[j]]`` those bytes.
+    """
+    apart = signs.size > 0
+    for j in range(maps.shape[0]):
+        counts[j] = 0
+    for i in range(words.size):
+        w = np.uint64(words[i])
+        byte = i >> 3
+        bit = np.uint8(7 - (i & 7))
+        if apart:
+            s = (w >> np.uint64(sign_shift)) & np.uint64(1)
+            signs[byte] |= np.uint8(s) << bit
+            w &= ~(np.uint64(1) << np.uint64(sign_shift))
+        for j in range(dense.shape[0]):
+            dense[j, i] = np.uint8((w >> np.uint64(dense_shifts[j])) & np.uint64(0xFF))
+        for j in range(maps.shape[0]):
+            b = np.uint8((w >> np.uint64(map_shifts[j])) & np.uint64(0xFF))
+            picked[j, counts[j]] = b
+            if b:
+                maps[j, byte] |= np.uint8(1) << bit
+                counts[j] += 1
+
+
+@kernel
+def assemble(dense: np.ndarray, dense_shifts: np.ndarray, signs: np.ndarray, sign_shift: int,
+             maps: np.ndarray, map_shifts: np.ndarray, picked: np.ndarray, starts: np.ndarray,
+             words: np.ndarray) -> None:
+    """Inverse of :func:`disassemble`: ``picked[starts[j]:]`` holds map ``j``'s nonzero bytes in order."""
+    cursor = starts.copy()
+    apart = signs.size > 0
+    for i in range(words.size):
+        w = np.uint64(0)
+        for j in range(dense.shape[0]):
+            w |= np.uint64(dense[j, i]) << np.uint64(dense_shifts[j])
+        byte = i >> 3
+        bit = np.uint8(7 - (i & 7))
+        if apart and (signs[byte] >> bit) & np.uint8(1):
+            w |= np.uint64(1) << np.uint64(sign_shift)
+        for j in range(maps.shape[0]):
+            if (maps[j, byte] >> bit) & np.uint8(1):
+                w |= np.uint64(picked[cursor[j]]) << np.uint64(map_shifts[j])
+                cursor[j] += 1
+        words[i] = w

@@ -178,52 +178,87 @@ def none_with_all_bits(words: np.ndarray, bits: np.ndarray) -> bool:
 
 
 @kernel
-def disassemble(words: np.ndarray, dense: np.ndarray, dense_shifts: np.ndarray, signs: np.ndarray, sign_shift: int,
-                maps: np.ndarray, map_shifts: np.ndarray, picked: np.ndarray, counts: np.ndarray) -> None:
-    """Words -> the byte planes of a layout (see :mod:`storage.planes`).
-
-    ``dense[j]`` gets byte ``dense_shifts[j] // 8`` of every word; ``signs`` (empty: none) the packed
-    bit ``sign_shift``, which is then left out of the bytes; ``maps[j]`` (zeroed by the caller) the
-    packed map of where byte ``map_shifts[j] // 8`` is nonzero and ``picked[j, :counts[j]]`` those bytes.
-    """
-    apart = signs.size > 0
-    for j in range(maps.shape[0]):
-        counts[j] = 0
+def plane_of(words: np.ndarray, shift: int, clear: np.ndarray, out: np.ndarray) -> None:
+    """``out[i]`` = byte ``shift // 8`` of ``words[i] & ~clear[0]``."""
+    keep = ~np.uint64(clear[0])
+    s = np.uint64(shift)
     for i in range(words.size):
-        w = np.uint64(words[i])
-        byte = i >> 3
-        bit = np.uint8(7 - (i & 7))
-        if apart:
-            s = (w >> np.uint64(sign_shift)) & np.uint64(1)
-            signs[byte] |= np.uint8(s) << bit
-            w &= ~(np.uint64(1) << np.uint64(sign_shift))
-        for j in range(dense.shape[0]):
-            dense[j, i] = np.uint8((w >> np.uint64(dense_shifts[j])) & np.uint64(0xFF))
-        for j in range(maps.shape[0]):
-            b = np.uint8((w >> np.uint64(map_shifts[j])) & np.uint64(0xFF))
-            picked[j, counts[j]] = b
-            if b:
-                maps[j, byte] |= np.uint8(1) << bit
-                counts[j] += 1
+        out[i] = np.uint8(((np.uint64(words[i]) & keep) >> s) & np.uint64(0xFF))
 
 
 @kernel
-def assemble(dense: np.ndarray, dense_shifts: np.ndarray, signs: np.ndarray, sign_shift: int,
-             maps: np.ndarray, map_shifts: np.ndarray, picked: np.ndarray, starts: np.ndarray,
-             words: np.ndarray) -> None:
-    """Inverse of :func:`disassemble`: ``picked[starts[j]:]`` holds map ``j``'s nonzero bytes in order."""
-    cursor = starts.copy()
-    apart = signs.size > 0
+def pack_bit(words: np.ndarray, shift: int, packed: np.ndarray) -> None:
+    """``packed`` = bit ``shift`` of every word, eight to a byte, first word in the high bit (as np.packbits)."""
+    s = np.uint64(shift)
+    n = words.size
+    for b in range(packed.size):
+        byte = 0
+        for k in range(8):
+            i = 8 * b + k
+            bit = (np.uint64(words[i]) >> s) & np.uint64(1) if i < n else np.uint64(0)
+            byte |= int(bit) << (7 - k)
+        packed[b] = byte
+
+
+@kernel
+def sparse_plane(words: np.ndarray, shift: int, clear: np.ndarray, packed: np.ndarray, picked: np.ndarray) -> int:
+    """Where byte ``shift // 8`` of ``words & ~clear[0]`` is nonzero (packed, as np.packbits) and those bytes
+    in order into ``picked`` (one spare slot); returns their count."""
+    keep = ~np.uint64(clear[0])
+    s = np.uint64(shift)
+    n = words.size
+    count = 0
+    last = picked.size - 1
+    for b in range(packed.size):
+        byte = 0
+        for k in range(8):
+            i = 8 * b + k
+            v = ((np.uint64(words[i]) & keep) >> s) & np.uint64(0xFF) if i < n else np.uint64(0)
+            nonzero = v != 0
+            picked[min(count, last)] = np.uint8(v)
+            count += nonzero
+            byte |= int(nonzero) << (7 - k)
+        packed[b] = byte
+    return count
+
+
+@kernel
+def or_plane(plane: np.ndarray, shift: int, words: np.ndarray) -> None:
+    """``words[i] |= plane[i] << shift``."""
+    s = np.uint64(shift)
     for i in range(words.size):
-        w = np.uint64(0)
-        for j in range(dense.shape[0]):
-            w |= np.uint64(dense[j, i]) << np.uint64(dense_shifts[j])
-        byte = i >> 3
-        bit = np.uint8(7 - (i & 7))
-        if apart and (signs[byte] >> bit) & np.uint8(1):
-            w |= np.uint64(1) << np.uint64(sign_shift)
-        for j in range(maps.shape[0]):
-            if (maps[j, byte] >> bit) & np.uint8(1):
-                w |= np.uint64(picked[cursor[j]]) << np.uint64(map_shifts[j])
-                cursor[j] += 1
-        words[i] = w
+        words[i] = np.uint64(words[i]) | (np.uint64(plane[i]) << s)
+
+
+@kernel
+def or_bits(packed: np.ndarray, shift: int, words: np.ndarray) -> None:
+    """``words[i] |= bit i of packed << shift`` (np.packbits order)."""
+    s = np.uint64(shift)
+    n = words.size
+    for b in range(packed.size):
+        byte = packed[b]
+        if byte:
+            for k in range(8):
+                i = 8 * b + k
+                if i < n and (byte >> (7 - k)) & 1:
+                    words[i] = np.uint64(words[i]) | (np.uint64(1) << s)
+
+
+@kernel
+def or_sparse_plane(packed: np.ndarray, picked: np.ndarray, shift: int, words: np.ndarray) -> int:
+    """``words[i] |= next picked byte << shift`` where bit i of ``packed`` is set; returns how many were read
+    (reading stops at the end of ``picked``)."""
+    s = np.uint64(shift)
+    n = words.size
+    j = 0
+    for b in range(packed.size):
+        byte = packed[b]
+        if byte:
+            for k in range(8):
+                i = 8 * b + k
+                if i < n and (byte >> (7 - k)) & 1:
+                    if j >= picked.size:
+                        return j + 1
+                    words[i] = np.uint64(words[i]) | (np.uint64(picked[j]) << s)
+                    j += 1
+    return j

@@ -119,68 +119,88 @@ def _entropy_bits(symbols: np.ndarray) -> float:
 
 def _disassembled(words: np.ndarray, size: int, signs: bool, sparse: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The uncompressed payload of a layout, and each sparse plane's nonzero count."""
-    n, nbytes = words.size, (words.size + 7) // 8
-    dense_shifts = np.array([8 * b for b in range(size) if b not in sparse], dtype=np.int64)
-    map_shifts = np.array([8 * b for b in sparse], dtype=np.int64)
     sign_shift = 8 * size - 1
+    clear = words.dtype.type(1) << words.dtype.type(sign_shift) if signs else words.dtype.type(0)
+    pieces = [_plane(words, 8 * b, clear) for b in range(size) if b not in sparse]
+    if signs:
+        pieces.append(_packed_bit(words, sign_shift))
+    counts = []
+    for b in sparse:
+        where, picked = _sparse_plane(words, 8 * b, clear)
+        pieces += [where, picked]
+        counts.append(picked.size)
+    return np.concatenate(pieces), np.array(counts, dtype=np.int64)
+
+
+def _plane(words: np.ndarray, shift: int, clear) -> np.ndarray:
     if jit.enabled():
-        dense = np.empty((dense_shifts.size, n), dtype=np.uint8)
-        packed_signs = np.zeros(nbytes if signs else 0, dtype=np.uint8)
-        maps = np.zeros((map_shifts.size, nbytes), dtype=np.uint8)
-        picked = np.empty((map_shifts.size, n + 1), dtype=np.uint8)  # one spare slot each
-        counts = np.zeros(map_shifts.size, dtype=np.int64)
-        kernels.disassemble(words, dense, dense_shifts, packed_signs, sign_shift, maps, map_shifts, picked, counts)
-        bytes_of = [picked[j, :counts[j]] for j in range(map_shifts.size)]
-    else:
-        one = words.dtype.type(1)
-        packed_signs = np.packbits((words >> words.dtype.type(sign_shift)).astype(np.uint8)) if signs \
-            else np.zeros(0, dtype=np.uint8)
-        if signs:
-            words = words & ~(one << words.dtype.type(sign_shift))
-        dense = np.stack([((words >> words.dtype.type(s)) & 0xFF).astype(np.uint8) for s in dense_shifts]) \
-            if dense_shifts.size else np.zeros((0, n), dtype=np.uint8)
-        planes = [((words >> words.dtype.type(s)) & 0xFF).astype(np.uint8) for s in map_shifts]
-        maps = np.stack([np.packbits(p != 0) for p in planes]) if planes else np.zeros((0, nbytes), np.uint8)
-        bytes_of = [p[p != 0] for p in planes]
-        counts = np.array([b.size for b in bytes_of], dtype=np.int64)
-    pieces = [dense.reshape(-1), packed_signs]
-    for j in range(map_shifts.size):
-        pieces += [maps[j], bytes_of[j]]
-    return np.concatenate(pieces), counts
+        out = np.empty(words.size, dtype=np.uint8)
+        kernels.plane_of(words, shift, np.array([clear], dtype=words.dtype), out)
+        return out
+    return ((words & ~clear) >> words.dtype.type(shift)).astype(np.uint8)
+
+
+def _packed_bit(words: np.ndarray, shift: int) -> np.ndarray:
+    if jit.enabled():
+        out = np.empty((words.size + 7) // 8, dtype=np.uint8)
+        kernels.pack_bit(words, shift, out)
+        return out
+    return np.packbits(((words >> words.dtype.type(shift)) & 1).astype(np.uint8))
+
+
+def _sparse_plane(words: np.ndarray, shift: int, clear) -> tuple[np.ndarray, np.ndarray]:
+    """The packed map of where a plane is nonzero, and its nonzero bytes."""
+    if jit.enabled():
+        where = np.empty((words.size + 7) // 8, dtype=np.uint8)
+        picked = np.empty(words.size + 1, dtype=np.uint8)  # one spare slot
+        count = kernels.sparse_plane(words, shift, np.array([clear], dtype=words.dtype), where, picked)
+        return where, picked[:count]
+    plane = _plane(words, shift, clear)
+    return np.packbits(plane != 0), plane[plane != 0]
 
 
 def _assembled(buf: np.ndarray, size: int, n: int, signs: bool, sparse: list[tuple[int, int]]) -> np.ndarray:
     """Inverse of :func:`_disassembled`: the values' bytes."""
     nbytes = (n + 7) // 8
-    dense_shifts = np.array([8 * b for b in range(size) if b not in {p for p, _ in sparse}], dtype=np.int64)
-    expected = dense_shifts.size * n + (nbytes if signs else 0) + sum(nbytes + c for _, c in sparse)
+    dense = [8 * b for b in range(size) if b not in {p for p, _ in sparse}]
+    expected = len(dense) * n + (nbytes if signs else 0) + sum(nbytes + c for _, c in sparse)
     if buf.size != expected:
         raise CodecError(f"plane payload holds {buf.size} bytes where its layout needs {expected}")
-    dense = buf[:dense_shifts.size * n].reshape(dense_shifts.size, n)
-    pos = dense_shifts.size * n
-    packed_signs = buf[pos:pos + nbytes] if signs else np.zeros(0, dtype=np.uint8)
-    pos += nbytes if signs else 0
-    maps, starts = [], []
-    for _, count in sparse:
-        maps.append(buf[pos:pos + nbytes])
-        starts.append(pos + nbytes)
-        pos += nbytes + count
-    if any(int(np.bitwise_count(m).sum()) != c for m, (_, c) in zip(maps, sparse)):
-        raise CodecError("a sparse plane's map does not match its count")
-    map_shifts = np.array([8 * b for b, _ in sparse], dtype=np.int64)
-    words = np.empty(n, dtype=_WORDS[size])
-    if jit.enabled():
-        stacked = np.stack(maps) if maps else np.zeros((0, nbytes), dtype=np.uint8)
-        kernels.assemble(dense, dense_shifts, packed_signs, 8 * size - 1, stacked, map_shifts, buf,
-                         np.array(starts, dtype=np.int64), words)
-        return words.view(np.uint8)
-    dt = words.dtype.type
-    words[:] = 0
-    for j, shift in enumerate(dense_shifts):
-        words |= dense[j].astype(words.dtype) << dt(shift)
-    for m, start, (_, count), shift in zip(maps, starts, sparse, map_shifts):
-        where = np.unpackbits(m, count=n).view(np.bool_)
-        words[where] |= buf[start:start + count].astype(words.dtype) << dt(shift)
+    words = np.zeros(n, dtype=_WORDS[size])
+    for j, shift in enumerate(dense):
+        _or_plane(buf[j * n:(j + 1) * n], shift, words)
+    pos = len(dense) * n
     if signs:
-        words |= np.unpackbits(packed_signs, count=n).astype(words.dtype) << dt(8 * size - 1)
+        _or_bits(buf[pos:pos + nbytes], 8 * size - 1, words)
+        pos += nbytes
+    for plane, count in sparse:
+        where, picked = buf[pos:pos + nbytes], buf[pos + nbytes:pos + nbytes + count]
+        if _or_sparse_plane(where, picked, 8 * plane, words) != count:
+            raise CodecError("a sparse plane's map does not match its count")
+        pos += nbytes + count
     return words.view(np.uint8)
+
+
+def _or_plane(plane: np.ndarray, shift: int, words: np.ndarray) -> None:
+    if jit.enabled():
+        kernels.or_plane(plane, shift, words)
+    else:
+        words |= plane.astype(words.dtype) << words.dtype.type(shift)
+
+
+def _or_bits(packed: np.ndarray, shift: int, words: np.ndarray) -> None:
+    if jit.enabled():
+        kernels.or_bits(packed, shift, words)
+    else:
+        words |= np.unpackbits(packed, count=words.size).astype(words.dtype) << words.dtype.type(shift)
+
+
+def _or_sparse_plane(packed: np.ndarray, picked: np.ndarray, shift: int, words: np.ndarray) -> int:
+    """OR a sparse plane into ``words``; returns how many bytes its map asks for (to check against its count)."""
+    if jit.enabled():
+        return kernels.or_sparse_plane(packed, picked, shift, words)
+    where = np.unpackbits(packed, count=words.size).view(np.bool_)
+    count = int(np.count_nonzero(where))
+    if count == picked.size:
+        words[where] |= picked.astype(words.dtype) << words.dtype.type(shift)
+    return count

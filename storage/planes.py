@@ -35,7 +35,7 @@ import numpy as np
 from storage import jit, kernels
 from storage.frames import CodecError, unzstd_array, zstd
 
-MIN_VALUES = 1 << 16  # below this the legacy layout: too few bytes for a choice to pay
+MIN_VALUES = 4096  # below this the legacy layout: the layout's header field would cost more than it saves
 SAMPLE_CHUNKS, SAMPLE_CHUNK = 16, 2048
 SPARSE_PLANE = 1 / 8  # a plane with fewer nonzero bytes than this is coded sparse
 SIGNS_APART_BITS = 0.5  # signs go apart where the top byte without them holds less than this
@@ -92,6 +92,8 @@ def _interleave(planes: np.ndarray) -> np.ndarray:
 
 
 def _sample(words: np.ndarray) -> np.ndarray:
+    if words.size <= SAMPLE_CHUNKS * SAMPLE_CHUNK:
+        return words
     step = words.size // SAMPLE_CHUNKS
     return np.concatenate([words[i * step:i * step + SAMPLE_CHUNK] for i in range(SAMPLE_CHUNKS)])
 

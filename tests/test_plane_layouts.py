@@ -13,7 +13,7 @@ import torch
 from storage import codecs, planes
 from storage.frames import CodecError
 
-N = planes.MIN_VALUES + 13  # large enough for a layout, and not a multiple of 8
+N = 70_013  # large enough for a layout and a sampled choice, and not a multiple of 8
 
 
 def narrow(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -100,3 +100,9 @@ def test_legacy_blobs_without_a_layout_still_decode():
     legacy = planes.zstd(planes.split_planes(raw, 4).data)
     back = planes.decode_planes(legacy, 4, t.numel(), None)
     assert np.array_equal(back, raw)
+
+
+def test_tensors_just_above_the_threshold_are_chosen_from_all_their_values():
+    t = narrow(torch.float32)[:planes.MIN_VALUES + 1]
+    back, layout = round_trip(t)
+    assert layout is not None and same_bits(back, t)

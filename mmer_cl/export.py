@@ -20,12 +20,13 @@ from mmer_cl.export_guard import Protected
 from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.keymap import KeyMap
 from mmer_cl.prefetch import prefetched
-from mmer_cl.reconstruct import reconstruct
+from mmer_cl.reconstruct import SparseMerged, reconstruct, reconstruct_sparse
 from mmer_cl.threads import torch_single_threaded
 from mmer_cl.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_directory
 
 TensorSource = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int, str], None]
+SparseSource = Callable[[str], "SparseMerged | None"]
 
 
 def reconstructed_tensors(
@@ -35,12 +36,15 @@ def reconstructed_tensors(
     mask: TensorSource | None,
     own: TensorSource,
     scale: float = 1.0,
+    sparse: SparseSource | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(checkpoint key, tensor)`` in the checkpoint's own order and dtypes.
 
     LLM tensors are ``base + scale * mask * merged`` (``mask=None`` means take
     all of ``merged``); resized ones get their own extra rows appended;
-    modality tensors come verbatim from ``own``.
+    modality tensors come verbatim from ``own``. ``sparse``, where given,
+    offers ``merged`` and the mask in the store's sparse form (None where it
+    has none for a key): the same bits without building the dense tensors.
     """
     helper = ThreadPoolExecutor(1, thread_name_prefix="mmer-read")
 
@@ -49,6 +53,9 @@ def reconstructed_tensors(
         if base_key is None:
             return key, own(key), None, None
         b = helper.submit(base, base_key)  # reading and checking the base overlaps decoding the rest
+        fast = sparse(base_key) if sparse is not None else None
+        if fast is not None:
+            return key, b.result(), fast, None
         m = merged(base_key)
         mk = mask(base_key) if mask is not None else None
         return key, b.result(), m, mk
@@ -63,8 +70,12 @@ def _reconstructed(inputs: Iterable[tuple], keymap: KeyMap, own: TensorSource, s
         if m is None:
             yield key, b
             continue
-        mk = mk if mk is not None else torch.ones_like(m, dtype=torch.bool)
-        t = reconstruct(b, mk, m, scale, dtype=DTYPES.get(keymap.dtypes.get(key, "")))
+        dtype = DTYPES.get(keymap.dtypes.get(key, ""))
+        if isinstance(m, SparseMerged):
+            t = reconstruct_sparse(b, m, scale, dtype=dtype)
+        else:
+            mk = mk if mk is not None else torch.ones_like(m, dtype=torch.bool)
+            t = reconstruct(b, mk, m, scale, dtype=dtype)
         if key in keymap.resized:
             t = torch.cat([t, own(key).to(t.device, t.dtype)])
         yield key, t

@@ -51,6 +51,7 @@ from mmer_cl.names import validate_name
 from mmer_cl.params import MergeParams
 from mmer_cl.prefetch import prefetched
 from mmer_cl.pipeline import map_checkpoint
+from mmer_cl.reconstruct import SparseMerged
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
 from mmer_cl.task_vector import sum_of_squares, task_vector
@@ -289,6 +290,27 @@ class Store:
         """Tensors by key from blob rows, read (checksum-verified) and decoded on demand."""
         digests = {r.key: r.digest for r in refs}
         return lambda key: self.reader.tensor(digests[key], key)
+
+    def _sparse_source(self, merged: list[BlobRef], masks: list[BlobRef] | None
+                       ) -> Callable[[str], SparseMerged | None]:
+        """Merged tensors (with a mask, where ``masks`` are given) in the sparse form they are stored in:
+        None for a key whose blobs are coded otherwise (against an earlier version), which then reads dense."""
+        merged_digests = {r.key: r.digest for r in merged}
+        mask_digests = {r.key: r.digest for r in masks} if masks is not None else None
+
+        def read(key: str) -> SparseMerged | None:
+            digest = merged_digests[key]
+            if self.reader.header(digest)["codec"] != "sparse":
+                return None
+            ordered = None
+            if mask_digests is not None:
+                ordered = self.reader.mask_by_context(mask_digests[key], key, digest)
+                if ordered is None:
+                    return None
+            shape, bits, values = self.reader.sparse(digest)
+            return SparseMerged(tuple(shape), bits, values, ordered[:values.numel()] if ordered is not None else None)
+
+        return read
 
     def _verified_base(self, base: BaseRecord) -> VerifiedBase:
         return VerifiedBase(base, self.registry.base_tensors(base.id))
@@ -577,12 +599,15 @@ class Store:
         entry = self.registry.entry_by_id(member.entry_id)  # the revision this version holds
         keymap = KeyMap.from_json(entry.keymap)
         vbase = self._verified_base(base_rec)
-        masks = self.blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
+        mask_refs = [r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id]
+        merged_refs = list(self.registry.version_blobs(v.id, "merged"))
         aux = {r.key: self.blobs.get(r.digest) for r in self.registry.entry_blobs(entry.id, "aux")}
         tensors = reconstructed_tensors(
-            keymap, base=vbase.get, merged=self.blob_source(self.registry.version_blobs(v.id, "merged")),
-            mask=masks if use_mask else None, own=self.blob_source(self.registry.entry_blobs(entry.id, "own")),
-            scale=member.scale if use_mask else 1.0)
+            keymap, base=vbase.get, merged=self.blob_source(merged_refs),
+            mask=self.blob_source(mask_refs) if use_mask else None,
+            own=self.blob_source(self.registry.entry_blobs(entry.id, "own")),
+            scale=member.scale if use_mask else 1.0,
+            sparse=self._sparse_source(merged_refs, mask_refs if use_mask else None))
         return keymap, tensors, aux, entry
 
     def _protected(self) -> list[Protected]:

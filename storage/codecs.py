@@ -243,6 +243,13 @@ def sparse_nonzero(header: dict, parts: list[memoryview]) -> torch.Tensor:
     return unbits(parts[0], numel_of(header["shape"]))
 
 
+def sparse_parts(header: dict, parts: list[memoryview]) -> tuple[np.ndarray, torch.Tensor]:
+    """A ``sparse`` blob's nonzero map as packed bits (np.packbits order) and its values, in position order."""
+    packed = unzstd_array(parts[0])
+    count = int(np.bitwise_count(packed).sum())
+    return packed, unplanes(parts[1], dtype_of(header["dtype"]), [count], header.get("layout"))
+
+
 def decode_sparse(header: dict, parts: list[memoryview], nonzero: torch.Tensor | None = None) -> torch.Tensor:
     """A ``sparse`` blob's tensor; ``nonzero``, where the caller has it already, is :func:`sparse_nonzero`."""
     dtype, shape = dtype_of(header["dtype"]), header["shape"]

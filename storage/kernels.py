@@ -232,16 +232,11 @@ def or_plane(plane: np.ndarray, shift: int, words: np.ndarray) -> None:
 
 @kernel
 def or_bits(packed: np.ndarray, shift: int, words: np.ndarray) -> None:
-    """``words[i] |= bit i of packed << shift`` (np.packbits order)."""
+    """``words[i] |= bit i of packed << shift`` (np.packbits order; branch-free: sign bits are coin flips)."""
     s = np.uint64(shift)
-    n = words.size
-    for b in range(packed.size):
-        byte = packed[b]
-        if byte:
-            for k in range(8):
-                i = 8 * b + k
-                if i < n and (byte >> (7 - k)) & 1:
-                    words[i] = np.uint64(words[i]) | (np.uint64(1) << s)
+    for i in range(words.size):
+        bit = np.uint64((packed[i >> 3] >> (7 - (i & 7))) & 1)
+        words[i] = np.uint64(words[i]) | (bit << s)
 
 
 @kernel

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from storage.blobstore import BlobStore
-from storage.codecs import CodecError, decode_parts, decode_sparse, sparse_nonzero, unpack
+from storage.codecs import CodecError, decode_parts, decode_sparse, sparse_nonzero, sparse_parts, unpack
 from storage.delta import (apply_mask_change, decode_delta, decode_support, decompress_pack, delta_values,
                            full_mask, linked_digests, member_bits, pack_members)
 
@@ -71,6 +71,24 @@ class TensorReader:
         if codec == "sparse":  # its nonzero map is kept: the masks ordered by it read it next
             return decode_sparse(header, parts, self._sparse_nonzero(digest, header, parts))
         return decode_parts(header, parts)
+
+    def sparse(self, digest: str) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """A ``sparse`` blob's shape, packed nonzero bits (uint8) and values, without building the full
+        tensor; None where the blob has another codec."""
+        header, parts = unpack(self.blobs.get(digest))
+        if header["codec"] != "sparse":
+            return None
+        packed, values = sparse_parts(header, parts)
+        return header["shape"], torch.from_numpy(packed), values
+
+    def mask_by_context(self, digest: str, key: str, context: str) -> torch.Tensor | None:
+        """Member ``key``'s stored bits where it is stored whole and ordered by blob ``context``: first its
+        bits where that tensor is nonzero, in position order, then the others; else None."""
+        members = self.members(digest)
+        member = next((m for m in members if m["key"] == key), None)
+        if member is None or "parent" in member or member.get("context") != context:
+            return None
+        return member_bits(members, self._pack_payload(digest), key)[1]
 
     def members(self, digest: str) -> list[dict]:
         """The members of a ``maskpack`` blob."""
@@ -131,12 +149,16 @@ class TensorReader:
             self._cache.put(("nonzero", digest), nz, nz.numel())
         return nz
 
-    def _mask(self, digest: str, header: dict, parts, key: str) -> torch.Tensor:
+    def _pack_payload(self, digest: str, parts: list[memoryview] | None = None) -> bytes:
+        """A mask pack's decompressed bits (cached: the masks of one pack are read one after another)."""
         payload = self._cache.get(("pack", digest))
         if payload is None:
-            payload = decompress_pack(parts)
+            payload = decompress_pack(parts if parts is not None else unpack(self.blobs.get(digest))[1])
             self._cache.put(("pack", digest), payload, len(payload))
-        member, bits = member_bits(self.members(digest), payload, key)
+        return payload
+
+    def _mask(self, digest: str, header: dict, parts, key: str) -> torch.Tensor:
+        member, bits = member_bits(self.members(digest), self._pack_payload(digest, parts), key)
         if "parent" not in member:
             context = self.nonzero(member["context"]) if "context" in member else None
             return full_mask(bits, member["shape"], context)

@@ -200,3 +200,34 @@ def test_suspending_the_compiled_loops_switches_every_thread_to_the_plain_paths(
         worker.join()
         assert not jit.enabled()
     assert seen == [False] and jit.enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reconstruction_from_the_sparse_form_equals_the_dense_one_bit_for_bit(monkeypatch, dtype):
+    from mmer_cl.reconstruct import SparseMerged, reconstruct, reconstruct_sparse
+
+    g = torch.Generator().manual_seed(5)
+    n = 2 * 4096 + 13  # blocks and bytes of bits both end part-way
+    base = torch.randn(n, generator=g).to(dtype)
+    base[:3] = torch.tensor([-0.0, -0.0, 3.3e38]).to(dtype)  # (stores refuse non-finite weights)
+    merged = 0.01 * torch.randn(n, generator=g)
+    merged[torch.rand(n, generator=g) < 0.5] = 0.0
+    merged[:3] = torch.tensor([-1e-3, 0.0, 3e38])  # -0.0 base under a rejected negative value and a zero; overflow
+    merged[-1] = -0.5
+    mask = torch.rand(n, generator=g) < 0.7
+    mask[0] = False
+    nonzero = merged != 0
+    sparse = SparseMerged((n,), torch.from_numpy(np.packbits(nonzero.numpy())), merged[nonzero], mask[nonzero])
+    dense = reconstruct(base, mask, merged)
+    plain, compiled = both_ways(monkeypatch, lambda: reconstruct_sparse(base, sparse))
+    assert same_bits(plain, dense) and same_bits(compiled, dense)
+    no_mask = SparseMerged((n,), sparse.nonzero_bits, sparse.values)
+    assert same_bits(reconstruct_sparse(base, no_mask), reconstruct(base, torch.ones(n, dtype=torch.bool), merged))
+
+
+def test_a_sparse_form_whose_map_and_values_disagree_is_refused():
+    from mmer_cl.reconstruct import SparseMerged, reconstruct_sparse
+
+    bits = torch.from_numpy(np.packbits(np.array([1, 0, 1, 1], dtype=np.uint8)))
+    with pytest.raises(ValueError, match="disagree"):
+        reconstruct_sparse(torch.zeros(4, dtype=torch.bfloat16), SparseMerged((4,), bits, torch.ones(2)))

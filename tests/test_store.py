@@ -95,6 +95,33 @@ def test_without_mask_every_entry_gets_the_whole_merged_llm(store, tmp_path):
     assert not torch.equal(masked["lm_head.weight"], plain["lm_head.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_export_from_the_stored_sparse_form_writes_the_same_bytes_as_the_dense_path(tmp_path, monkeypatch, dtype):
+    base = builders.save_base(tmp_path / "base", dtype=dtype)
+    for seed in (1, 2):
+        builders.save_llava(base, tmp_path / f"ft{seed}", seed=seed)
+    with Store.init(tmp_path / "s", tmp_path / "base") as s:
+        s.register(tmp_path / "ft1", "a", "vision")
+        s.register(tmp_path / "ft2", "b", "audio")
+        s.expand()
+        used = []
+        sparse_source = s._sparse_source
+
+        def counting(*args):
+            read = sparse_source(*args)
+            return lambda key: used.append(key) or read(key)
+
+        monkeypatch.setattr(s, "_sparse_source", counting)
+        fast = Checkpoint(s.export("a", tmp_path / "fast"))
+        assert used, "the export read the sparse form"
+        monkeypatch.setattr(s, "_sparse_source", lambda *args: (lambda key: None))
+        dense = Checkpoint(s.export("a", tmp_path / "dense"))
+        for name in dense.names():
+            a, b = fast.get(name), dense.get(name)
+            assert a.dtype == b.dtype == (dtype if a.is_floating_point() else a.dtype)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
 def test_single_entry_store_reconstructs_its_model_exactly(family, tmp_path):
     with Store.init(tmp_path / "s", family / "base") as s:
         s.register(family / "video", "video", "video")

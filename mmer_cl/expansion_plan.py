@@ -92,6 +92,10 @@ class GroupResult:
     kept: list[int] = field(default_factory=list)
     abs_sums: list[list[float]] = field(default_factory=list)
     numel: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: read, merge_and_masks, code
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
 def _groups(jobs: Sequence[TensorJob]) -> tuple[tuple[TensorJob, ...], ...]:
@@ -164,6 +168,7 @@ class _Inputs:
     taus: list[torch.Tensor]
     prev_merged: tuple[torch.Tensor, int] | None
     prev_masks: list[tuple[torch.Tensor, int] | None]
+    read_seconds: float = 0.0  # spent reading and decoding these (on the loader thread)
 
 
 def _task_vector(reader: TensorReader, spec: str, device: torch.device, checkpoints: dict) -> torch.Tensor:
@@ -173,12 +178,13 @@ def _task_vector(reader: TensorReader, spec: str, device: torch.device, checkpoi
 
 
 def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoints: dict) -> _Inputs:
+    started = time.perf_counter()
     taus = [_task_vector(reader, spec, device, checkpoints) for spec in job.task_vectors]
     prev = None
     if job.prev_merged:
         prev = (reader.tensor(job.prev_merged), reader.depth(job.prev_merged))
     masks = [(reader.tensor(d, job.key), reader.depth(d, job.key)) if d else None for d in job.prev_masks]
-    return _Inputs(taus, prev, masks)
+    return _Inputs(taus, prev, masks, time.perf_counter() - started)
 
 
 def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
@@ -205,8 +211,12 @@ class _GroupWriter:
     def add(self, job: TensorJob, inputs: _Inputs) -> None:
         plan, result = self.plan, self.result
         thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
+        started = time.perf_counter()
         out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds, lams=self.lams)
         inputs.taus.clear()  # the masks are computed: free the task vectors before coding the results
+        computed = time.perf_counter()
+        result.add_seconds("read", inputs.read_seconds)
+        result.add_seconds("merge_and_masks", computed - started)
         for member, known, found in zip(plan.members, thresholds, out.thresholds):
             if known is None and found is not None:
                 result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
@@ -245,6 +255,7 @@ class _GroupWriter:
         for i, (member, bits) in zip(changed, coded):
             self.packs[i].add_coded(member, bits)
         result.numel += job.numel
+        result.add_seconds("code", time.perf_counter() - computed)
 
     def finish(self) -> GroupResult:
         for member, pack in zip(self.plan.members, self.packs):
@@ -315,6 +326,9 @@ def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[
         "trimmed": [m.name for m in plan.members if m.name in trimmed],
         "coded_against": f"v{plan.previous}" if plan.previous else None,
         "seconds": round(time.perf_counter() - started, 3),
+        # where the time went, summed over tensors (reading runs on a second thread, beside the rest)
+        "phase_seconds": {p: round(sum(r.seconds.get(p, 0.0) for r in results), 3)
+                          for p in ("read", "merge_and_masks", "code")},
     }
     refs = [ref for r in results for ref in r.refs]
     return registry.add_version(plan.base_id, plan.params.to_dict(), details, members, refs, actor,

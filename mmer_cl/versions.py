@@ -65,6 +65,11 @@ def format_show(d: dict) -> str:
     lines.append("parameters: " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "lam_per_entry" or v))
     how = "incremental" if d["details"].get("incremental") else "from all task vectors"
     lines.append(f"merge: {how}; read {', '.join(d['details'].get('merge_read', [])) or '-'}")
+    phases = d["details"].get("phase_seconds")
+    if phases and "seconds" in d["details"]:
+        lines.append(f"took {d['details']['seconds']:.1f} s: reading task vectors and the previous version "
+                     f"{phases['read']:.1f} s (on a second thread), merge and masks {phases['merge_and_masks']:.1f} s, "
+                     f"coding the results {phases['code']:.1f} s")
     lines.append("")
     rows = [[m["entry"], Right(f"r{m['revision']}"), m["modality"], m["task"], Right(f"{m['mask_density']:.1%}"),
              Right(f"{m['scale']:.3g}"), Right(_human(m["mask_bytes"])), Right(_human(m["modality_side_bytes"]))]

@@ -54,6 +54,13 @@ def test_second_expansion_reuses_every_trim_and_is_coded_against_the_first(store
         assert torch.allclose(ours.get(name), theirs.get(name), atol=1e-6), name
 
 
+def test_a_version_records_where_its_expansion_spent_its_time(store):
+    details = store.expand().version.details
+    phases = details["phase_seconds"]
+    assert set(phases) == {"read", "merge_and_masks", "code"}
+    assert all(0 < s <= details["seconds"] for s in phases.values())
+
+
 def test_expand_without_changes_makes_no_new_version(store):
     store.expand()
     again = store.expand()

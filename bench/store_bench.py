@@ -222,6 +222,7 @@ def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit
         sizes.append((f"register e{i}", du_sb(store), i))
     rep["mmer expand (3)"] = run_measured(mmer + ["expand", "--density", str(density)])
     sizes.append(("expand v1 (3 entries)", du_sb(store), 3))
+    phases = [("expand (3)", phase_seconds(mmer))]
     out = work / "export-out"
     shutil.rmtree(out, ignore_errors=True)
     rep["mmer export"] = run_measured(mmer + ["export", "--entry", "e1", str(out)])
@@ -234,11 +235,19 @@ def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit
         sizes.append((f"register e{i}", du_sb(store), i))
         rep[f"mmer expand ({i}, incremental)"] = run_measured(mmer + ["expand"])
         sizes.append((f"expand v{i - 2} ({i} entries)", du_sb(store), i))
+        phases.append((f"expand ({i}, incremental)", phase_seconds(mmer)))
     report = subprocess.run(mmer + ["report", "--no-svd", "--json"], capture_output=True, text=True, check=True)
     rep["_sizes"] = sizes + reference_sequence(base, fts, work, density)
     rep["_report"] = json.loads(report.stdout)
     rep["_du"] = du_sb(store)
+    rep["_phases"] = phases
     return rep
+
+
+def phase_seconds(mmer: list[str]) -> dict:
+    """Where the current version's expansion spent its time, as it recorded (``mmer show --json``)."""
+    shown = subprocess.run(mmer + ["show", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(shown.stdout)["details"].get("phase_seconds", {})
 
 
 def export_call(store: Path, out: Path) -> dict:
@@ -294,7 +303,9 @@ def summarise(reps: list[dict], full_copy: int) -> dict:
         rss = [r[step]["peak_rss"] for r in reps]
         table[step] = {"min_s": min(secs), "median_s": statistics.median(secs), "peak_rss_max": max(rss),
                        "peak_rss_median": statistics.median(rss)}
-    return {"steps": table, "sizes": reps[-1]["_sizes"], "full_copy_bytes": full_copy}
+    phases = {label: {p: statistics.median(r["_phases"][i][1][p] for r in reps) for p in reps[0]["_phases"][i][1]}
+              for i, (label, _) in enumerate(reps[0]["_phases"])}
+    return {"steps": table, "sizes": reps[-1]["_sizes"], "full_copy_bytes": full_copy, "phases": phases}
 
 
 def print_summary(summary: dict, limits: dict, params: int, args) -> None:
@@ -319,6 +330,11 @@ def print_summary(summary: dict, limits: dict, params: int, args) -> None:
         print(f"\nexport throughput: {rate / gb:.2f} GB/s inside the call (median), "
               f"{summary['full_copy_bytes'] / steps['mmer export']['median_s'] / gb:.2f} GB/s for the whole command; "
               f"fdatasync write {limits['fdatasync_write'] / gb:.2f} GB/s (target: at least half)")
+    if summary.get("phases"):
+        print("\n| expand (seconds, median; reading runs on a second thread) | read | merge and masks | coding |"
+              "\n|---|---:|---:|---:|")
+        for label, p in summary["phases"].items():
+            print(f"| {label} | {p.get('read', 0):.1f} | {p.get('merge_and_masks', 0):.1f} | {p.get('code', 0):.1f} |")
     base = steps.get("read + compress one checkpoint")
     if base:
         regs = [m["median_s"] for s, m in steps.items() if s.startswith("mmer register")]

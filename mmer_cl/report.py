@@ -85,8 +85,14 @@ def du_bytes(path: Path) -> int:
     return total
 
 
+def _transient(path: Path) -> bool:
+    """SQLite's shared-memory index of an open database: it exists while a connection (this one) is open."""
+    return path.name.endswith("-shm")
+
+
 def disk_usage(store: "Store") -> dict:
-    """Every byte under the store directory, by what it holds (adds up to ``du -sb``)."""
+    """Every byte under the store directory, by what it holds (adds up to ``du -sb`` once no process has the
+    registry open: SQLite's ``-shm`` index, which lives only while a connection is open, is left out)."""
     reg = store.registry
     kinds: dict[str, str] = {}
     for b in reg.bases():
@@ -106,10 +112,12 @@ def disk_usage(store: "Store") -> dict:
         for digest, size in page:
             usage[kinds.get(digest, "unreferenced_blobs")] += size
             files += size
-    registry = sum(p.stat().st_size for p in store.root.glob("registry.db*") if p.is_file())
+    reg.checkpoint()  # the log's rows into the database file: what remains once this process closes it
+    registry = sum(p.stat().st_size for p in store.root.glob("registry.db*") if p.is_file() and not _transient(p))
     blobs_inside = Path(store.blobs.location) == (store.root / "objects").absolute()
     if blobs_inside and store.root.is_dir():  # the default layout: everything under one directory
-        total = du_bytes(store.root)
+        transient = sum(p.stat().st_size for p in store.root.glob("registry.db*") if _transient(p))
+        total = du_bytes(store.root) - transient
         usage["directories_and_other"] = total - files - registry
     else:  # blobs in a bucket or another directory, registry perhaps in a database server
         db = reg.engine.url.database if reg.engine.dialect.name == "sqlite" else None

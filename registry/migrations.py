@@ -53,8 +53,14 @@ def _v2(conn: Connection) -> None:
     TagRow.__table__.create(conn, checkfirst=True)
 
 
+def _v3(conn: Connection) -> None:
+    """No table changes: from schema 3 on, blobs may use plane layouts (``storage/planes.py``), which
+    releases before it would decode wrongly; the version number is what makes them refuse the store."""
+
+
 STEPS: list[Step] = [
     Step(2, "entry revisions and descriptions, version descriptions and recipes, tags", _v2),
+    Step(3, "blobs may use plane layouts (signs apart, sparse planes) that earlier releases cannot read", _v3),
 ]
 
 

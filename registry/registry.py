@@ -124,6 +124,13 @@ class Registry:
     def close(self) -> None:
         self.engine.dispose()
 
+    def checkpoint(self) -> None:
+        """SQLite: move the write-ahead log into the database file and truncate it, so that the file holds
+        every row (what ``du`` sees once the last connection closes and SQLite removes the log)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():

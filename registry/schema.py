@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2  # see registry/migrations.py for how older registries are brought up to it
+SCHEMA_VERSION = 3  # see registry/migrations.py for how older registries are brought up to it
 
 
 def utcnow() -> datetime:

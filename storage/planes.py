@@ -168,9 +168,13 @@ def _assembled(buf: np.ndarray, size: int, n: int, signs: bool, sparse: list[tup
     expected = len(dense) * n + (nbytes if signs else 0) + sum(nbytes + c for _, c in sparse)
     if buf.size != expected:
         raise CodecError(f"plane payload holds {buf.size} bytes where its layout needs {expected}")
-    words = np.zeros(n, dtype=_WORDS[size])
-    for j, shift in enumerate(dense):
-        _or_plane(buf[j * n:(j + 1) * n], shift, words)
+    if len(dense) == 2 and jit.enabled():  # the usual case (float32 with two sparse planes): one pass
+        words = np.empty(n, dtype=_WORDS[size])
+        kernels.join_two_planes(buf[:n], dense[0], buf[n:2 * n], dense[1], words)
+    else:
+        words = np.zeros(n, dtype=_WORDS[size])
+        for j, shift in enumerate(dense):
+            _or_plane(buf[j * n:(j + 1) * n], shift, words)
     pos = len(dense) * n
     if signs:
         _or_bits(buf[pos:pos + nbytes], 8 * size - 1, words)

@@ -73,10 +73,18 @@ def decode_support(header: dict, parts: list[memoryview]) -> torch.Tensor:
     return unbits(parts[0], numel_of(header["shape"]))
 
 
-def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor) -> torch.Tensor:
+def decode_delta(header: dict, parts: list[memoryview], parent: torch.Tensor, reuse: bool = False
+                 ) -> torch.Tensor:
+    """The tensor a ``delta`` blob holds, from its parent's. ``reuse``: the caller hands ``parent`` over (a
+    fresh decode nobody else holds), so the changes are written into it instead of into a copy."""
     support = decode_support(header, parts)
-    out = parent.detach().to("cpu").reshape(-1).clone()
-    return scatter_into(out, support, delta_values(header, parts, support)).reshape(header["shape"])
+    return scatter_into(_writable_flat(parent, reuse), support,
+                        delta_values(header, parts, support)).reshape(header["shape"])
+
+
+def _writable_flat(t: torch.Tensor, reuse: bool) -> torch.Tensor:
+    flat = t.detach().to("cpu").reshape(-1)
+    return flat if reuse and flat.is_contiguous() and flat.data_ptr() == t.data_ptr() else flat.clone()
 
 
 def _np_bool(t: torch.Tensor) -> np.ndarray:
@@ -234,9 +242,10 @@ def decompress_pack(parts: list[memoryview]) -> bytes:
     return unzstd(parts[1])
 
 
-def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    out = old.detach().to("cpu").reshape(-1).clone()
-    return scatter_into(out, support, bits).reshape(shape)
+def apply_mask_change(old: torch.Tensor, support: torch.Tensor, bits: torch.Tensor, shape: list[int],
+                      reuse: bool = False) -> torch.Tensor:
+    """A mask from its parent's and the bits that changed at ``support`` (``reuse``: as in :func:`decode_delta`)."""
+    return scatter_into(_writable_flat(old, reuse), support, bits).reshape(shape)
 
 
 def full_mask(bits: torch.Tensor, shape: list[int], context: torch.Tensor | None = None) -> torch.Tensor:

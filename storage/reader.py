@@ -63,7 +63,7 @@ class TensorReader:
         header, parts = unpack(self.blobs.get(digest))
         codec = header["codec"]
         if codec == "delta":
-            return decode_delta(header, parts, self.tensor(header["parent"], key))
+            return decode_delta(header, parts, self.tensor(header["parent"], key), reuse=True)  # a fresh decode
         if codec == "maskpack":
             if key is None:
                 raise CodecError(f"blob {digest} packs several masks; name the tensor key to read")
@@ -163,4 +163,4 @@ class TensorReader:
             context = self.nonzero(member["context"]) if "context" in member else None
             return full_mask(bits, member["shape"], context)
         old = self.tensor(member["parent"], key)
-        return apply_mask_change(old, self.support(member["support"]), bits, member["shape"])
+        return apply_mask_change(old, self.support(member["support"]), bits, member["shape"], reuse=True)

@@ -177,3 +177,22 @@ def test_help_and_version_load_no_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_process_ends_without_teardown_yet_keeps_its_output_exit_code_and_a_clean_store(family, tmp_path):
+    import subprocess
+    import sys
+
+    def mmer_process(*args):
+        return subprocess.run([sys.executable, "-m", "mmer_cl.cli", "--store", str(tmp_path / "store"), *map(str, args)],
+                              capture_output=True, text=True)
+
+    done = mmer_process("init", "--base", family / "base")
+    assert done.returncode == 0 and "initialised" in done.stdout  # piped output is flushed before the exit
+    listed = mmer_process("versions", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    failed = mmer_process("export", "--entry", "nobody", tmp_path / "out")
+    assert failed.returncode not in (0, None) and failed.stderr.startswith("error: no current version")
+    assert mmer_process("no-such-command").returncode == 2
+    leftovers = [p.name for p in (tmp_path / "store").iterdir() if p.name.endswith(("-wal", "-shm"))]
+    assert leftovers == []  # each command closed its registry, so SQLite folded and removed its log

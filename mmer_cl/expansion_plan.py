@@ -98,6 +98,24 @@ class GroupResult:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
+def _spaced(groups: Sequence[tuple[TensorJob, ...]]) -> tuple[tuple[TensorJob, ...], ...]:
+    """The groups reordered largest, smallest, second largest, second smallest, ...
+
+    The read-ahead thread decodes the next group's task vectors while the main thread still holds the
+    current one's, so two large groups side by side (a checkpoint's alphabetical order puts ``lm_head``
+    next to ``model.embed_tokens``) set the peak memory. Deterministic: ties go by the first key.
+    """
+    by_size = sorted(groups, key=lambda g: (-sum(j.numel for j in g), g[0].key))
+    order, low, high = [], 0, len(by_size) - 1
+    while low <= high:
+        order.append(by_size[low])
+        low += 1
+        if low <= high:
+            order.append(by_size[high])
+            high -= 1
+    return tuple(order)
+
+
 def _groups(jobs: Sequence[TensorJob]) -> tuple[tuple[TensorJob, ...], ...]:
     groups: list[list[TensorJob]] = []
     size = PACK_TARGET
@@ -159,7 +177,7 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
             prev_merged=prev_merged.get(key),
             prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries)))
     new = tuple(e.name for e in entries if e.id not in set(prev_ids)) if incremental else ()
-    return ExpansionPlan(base_id, params, tuple(PlanMember(e.id, e.name) for e in entries), _groups(jobs),
+    return ExpansionPlan(base_id, params, tuple(PlanMember(e.id, e.name) for e in entries), _spaced(_groups(jobs)),
                          previous.number if previous else None, incremental, new)
 
 

@@ -170,3 +170,17 @@ def test_an_entry_registered_by_reference_keeps_no_task_vector_and_merges_the_sa
     with pytest.raises(ReferenceError, match="can no longer be read"):
         referenced.expand(MergeParams(density=0.5))
     assert tensor_bytes_of(referenced.export("audio", tmp_path / "r2")) == tensor_bytes_of(tmp_path / "r" / "audio")
+
+
+def test_the_largest_tensor_groups_are_never_read_side_by_side():
+    from mmer_cl.expansion_plan import TensorJob, _spaced
+
+    def group(key, numel):
+        return (TensorJob(key=key, numel=numel, task_vectors=(), thresholds=(), prev_merged=None, prev_masks=()),)
+
+    groups = [group("lm_head.weight", 100), group("model.embed_tokens.weight", 100), group("a", 10),
+              group("b", 5), group("c", 1)]
+    order = [g[0].key for g in _spaced(groups)]
+    assert sorted(order) == sorted(g[0].key for g in groups)  # every group once
+    assert order == ["lm_head.weight", "c", "model.embed_tokens.weight", "b", "a"]
+    assert _spaced(list(reversed(groups))) == _spaced(groups)  # deterministic whatever the input order

@@ -105,9 +105,9 @@ def reconstruct_sparse(base: torch.Tensor, merged: SparseMerged, scale: float = 
         return reconstruct(base, mk, m, scale, dtype)
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     _bf16_reconstruct_sparse(base.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16),
-                                    merged.nonzero_bits.numpy(), values.contiguous().reshape(-1).numpy(),
-                                    mask.contiguous().reshape(-1).numpy(),
-                                    out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+                             merged.nonzero_bits.numpy(), values.contiguous().reshape(-1).numpy(),
+                             mask.contiguous().reshape(-1).numpy(),
+                             out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
     return out
 
 

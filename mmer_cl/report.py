@@ -113,11 +113,11 @@ def disk_usage(store: "Store") -> dict:
             usage[kinds.get(digest, "unreferenced_blobs")] += size
             files += size
     reg.checkpoint()  # the log's rows into the database file: what remains once this process closes it
-    registry = sum(p.stat().st_size for p in store.root.glob("registry.db*") if p.is_file() and not _transient(p))
+    db_files = [p for p in store.root.glob("registry.db*") if p.is_file()]
+    registry = sum(p.stat().st_size for p in db_files if not _transient(p))
     blobs_inside = Path(store.blobs.location) == (store.root / "objects").absolute()
     if blobs_inside and store.root.is_dir():  # the default layout: everything under one directory
-        transient = sum(p.stat().st_size for p in store.root.glob("registry.db*") if _transient(p))
-        total = du_bytes(store.root) - transient
+        total = du_bytes(store.root) - sum(p.stat().st_size for p in db_files if _transient(p))
         usage["directories_and_other"] = total - files - registry
     else:  # blobs in a bucket or another directory, registry perhaps in a database server
         db = reg.engine.url.database if reg.engine.dialect.name == "sqlite" else None

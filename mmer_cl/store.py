@@ -300,14 +300,15 @@ class Store:
 
         def read(key: str) -> SparseMerged | None:
             digest = merged_digests[key]
-            if self.reader.header(digest)["codec"] != "sparse":
-                return None
             ordered = None
-            if mask_digests is not None:
+            if mask_digests is not None:  # first: a mask coded against its parent needs no merged blob read
                 ordered = self.reader.mask_by_context(mask_digests[key], key, digest)
                 if ordered is None:
                     return None
-            shape, bits, values = self.reader.sparse(digest)
+            form = self.reader.sparse(digest)  # one read of the blob, which says whether it is sparse
+            if form is None:
+                return None
+            shape, bits, values = form
             return SparseMerged(tuple(shape), bits, values, ordered[:values.numel()] if ordered is not None else None)
 
         return read

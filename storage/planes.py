@@ -101,7 +101,8 @@ def _sample(words: np.ndarray) -> np.ndarray:
 def _sparse_candidates(words: np.ndarray, size: int, signs: bool) -> list[int]:
     if signs:
         words = words & ~(words.dtype.type(1) << words.dtype.type(8 * size - 1))
-    return [b for b in range(size) if np.count_nonzero((words >> words.dtype.type(8 * b)) & 0xFF) < SPARSE_PLANE * words.size]
+    limit = SPARSE_PLANE * words.size
+    return [b for b in range(size) if np.count_nonzero((words >> words.dtype.type(8 * b)) & 0xFF) < limit]
 
 
 def _choose(words: np.ndarray, size: int) -> tuple[bool, list[int]] | None:

@@ -184,8 +184,8 @@ def test_the_process_ends_without_teardown_yet_keeps_its_output_exit_code_and_a_
     import sys
 
     def mmer_process(*args):
-        return subprocess.run([sys.executable, "-m", "mmer_cl.cli", "--store", str(tmp_path / "store"), *map(str, args)],
-                              capture_output=True, text=True)
+        command = [sys.executable, "-m", "mmer_cl.cli", "--store", str(tmp_path / "store"), *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True)
 
     done = mmer_process("init", "--base", family / "base")
     assert done.returncode == 0 and "initialised" in done.stdout  # piped output is flushed before the exit

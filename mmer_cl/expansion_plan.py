@@ -19,7 +19,9 @@ masks of small tensors share one blob (see :mod:`storage.delta`).
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -79,6 +81,9 @@ class ExpansionPlan:
     previous: int | None
     incremental: bool
     new_members: tuple[str, ...]
+    # the earlier members' masks can change only where the merged vector does, so the previous
+    # version's masks are not read: each is coded against its parent at the merged vector's changes
+    masks_follow_merged: bool = False
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -177,15 +182,25 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
             prev_merged=prev_merged.get(key),
             prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries)))
     new = tuple(e.name for e in entries if e.id not in set(prev_ids)) if incremental else ()
+    follow = incremental and _masks_follow_merged(MergeParams.from_dict(previous.params), params,
+                                                  [m.entry_name for m in previous.members])
     return ExpansionPlan(base_id, params, tuple(PlanMember(e.id, e.name) for e in entries), _spaced(_groups(jobs)),
-                         previous.number if previous else None, incremental, new)
+                         previous.number if previous else None, incremental, new, follow)
+
+
+def _masks_follow_merged(before: MergeParams, now: MergeParams, earlier: Sequence[str]) -> bool:
+    """Whether each earlier member's mask is a function of its own task vector and the merged vector at the
+    same position, with the same parameters as before: then it changes only where the merged vector changes.
+    (``consensus`` masks count every member's votes, so a new member changes them anywhere.)"""
+    return (now.mask_rule in ("mmer", "emr") and before.mask_rule == now.mask_rule and before.alpha == now.alpha
+            and all(before.lam_for(name) == now.lam_for(name) for name in earlier))
 
 
 @dataclass
 class _Inputs:
     taus: list[torch.Tensor]
     prev_merged: tuple[torch.Tensor, int] | None
-    prev_masks: list[tuple[torch.Tensor, int] | None]
+    prev_masks: list[tuple[torch.Tensor | None, int] | None]  # (mask or None where not read, depth)
     read_seconds: float = 0.0  # spent reading and decoding these (on the loader thread)
 
 
@@ -195,21 +210,53 @@ def _task_vector(reader: TensorReader, spec: str, device: torch.device, checkpoi
     return reader.tensor(spec).to(device)
 
 
-def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoints: dict) -> _Inputs:
+def _decoded(reader: TensorReader, digest: str, key: str | None = None, read: bool = True
+             ) -> tuple[torch.Tensor | None, int]:
+    return reader.tensor(digest, key) if read else None, reader.depth(digest, key)
+
+
+def decoder_count() -> int:
+    """Blobs decoded at once: one per core, at most 4 (each holds a decode's scratch memory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def _gathered(futures: Sequence[Future | None]) -> list:
+    """The futures' results in order; on a failure, the ones not yet started are cancelled first."""
+    try:
+        return [f.result() if f is not None else None for f in futures]
+    except BaseException:
+        for f in futures:
+            if f is not None:
+                f.cancel()
+        raise
+
+
+def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoints: dict,
+          pool: ThreadPoolExecutor, read_masks: bool) -> _Inputs:
+    """Decode one job's blobs, several at once: zstd, sha256 and the compiled plane joins release the GIL.
+    Without ``read_masks`` the previous masks are only located (their depth), not decoded."""
     started = time.perf_counter()
-    taus = [_task_vector(reader, spec, device, checkpoints) for spec in job.task_vectors]
-    prev = None
-    if job.prev_merged:
-        prev = (reader.tensor(job.prev_merged), reader.depth(job.prev_merged))
-    masks = [(reader.tensor(d, job.key), reader.depth(d, job.key)) if d else None for d in job.prev_masks]
-    return _Inputs(taus, prev, masks, time.perf_counter() - started)
+    taus = [pool.submit(_task_vector, reader, spec, device, checkpoints) for spec in job.task_vectors]
+    prev = pool.submit(_decoded, reader, job.prev_merged) if job.prev_merged else None
+    masks = [pool.submit(_decoded, reader, d, job.key, read_masks) if d else None for d in job.prev_masks]
+    done = _gathered([*taus, prev, *masks])
+    n = len(taus)
+    return _Inputs(done[:n], done[n], done[n + 1:], time.perf_counter() - started)
 
 
-def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device
+def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device, read_masks: bool
                  ) -> Iterator[tuple[TensorJob, _Inputs]]:
-    """The jobs with their decoded inputs, the next one decoding on a second thread meanwhile."""
-    checkpoints: dict = {}  # referenced checkpoints, opened once
-    return prefetched((job, _load(reader, job, device, checkpoints)) for job in jobs)
+    """The jobs with their decoded inputs, the next one decoding on other threads meanwhile."""
+    checkpoints: dict = {}  # referenced checkpoints, opened once (each read opens its file: thread-safe)
+    pool = ThreadPoolExecutor(max_workers=decoder_count(), thread_name_prefix="mmer-decode")
+    try:
+        yield from prefetched((job, _load(reader, job, device, checkpoints, pool, read_masks)) for job in jobs)
+    finally:  # no waiting: a decode still running ends on its own, its result unused
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _same_mask(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -246,7 +293,8 @@ class _GroupWriter:
         raw = merged.numel() * merged.element_size()
         split = split_nonzero(merged.reshape(-1))
         nonzero = split[0]  # masks are ordered by it (see MaskPackBuilder.add)
-        if coded is not None and not count_true(coded[1]):  # unchanged: the previous blob serves again
+        unchanged = coded is not None and not count_true(coded[1])
+        if unchanged:  # the previous blob serves again
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
         else:
@@ -260,7 +308,8 @@ class _GroupWriter:
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
-            if prev is not None and _same_mask(prev[0], mask):  # unchanged: point at the previous pack
+            if prev is not None and (unchanged if prev[0] is None else _same_mask(prev[0], mask)):
+                # unchanged: point at the previous pack
                 result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
                                            plan.members[i].entry_id))
                 parents.append(None)
@@ -311,7 +360,8 @@ def run_plan(reader: TensorReader, put: Put, plan: ExpansionPlan, device: torch.
     results = []
     with torch_single_threaded(), write_behind(put, depth=1) as put_behind:
         writer = _GroupWriter(plan, put_behind)
-        for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device), start=1):
+        for step, (job, inputs) in enumerate(_with_inputs(reader, jobs, device, not plan.masks_follow_merged),
+                                                start=1):
             raise_if_interrupted()
             writer.add(job, inputs)
             if step in ends:

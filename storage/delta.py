@@ -139,14 +139,16 @@ def _changes_outside(new: np.ndarray, old: np.ndarray, support: np.ndarray) -> b
     return bool(((new != old) & ~support).any())
 
 
-def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, torch.Tensor, int] | None],
+def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, torch.Tensor | None, int] | None],
                support: tuple[str, torch.Tensor] | None = None,
                context: tuple[str, torch.Tensor] | None = None) -> list[tuple[dict, np.ndarray]]:
     """Members (entry, stored bits) for the masks of several entries on one tensor.
 
     A mask is coded against its ``parent`` (pack digest, mask, depth) where
     its change lies inside ``support`` (delta blob digest, its support map):
-    only the bits at support positions are kept. Otherwise it is stored
+    only the bits at support positions are kept. A parent given without its
+    mask (``None``) is taken on the caller's word to differ only inside
+    ``support``, and is not checked. Otherwise it is stored
     whole; with a ``context`` (blob digest, a bool map the decoder rebuilds,
     such as where the merged vector is nonzero) its bits are ordered by the
     context, so that a mask predictable on one side costs almost nothing
@@ -160,8 +162,9 @@ def code_masks(key: str, masks: list[torch.Tensor], parents: list[tuple[str, tor
     deltas, wholes = [], []
     for i, (mask, parent) in enumerate(zip(masks, parents)):
         members[i] = {"key": key, "shape": list(mask.shape)}
-        if parent is not None and sup is not None and parent[2] < MAX_DEPTH and parent[1].numel() == sup.size:
-            if not _changes_outside(flats[i], _np_bool(parent[1]), sup):
+        if parent is not None and sup is not None and parent[2] < MAX_DEPTH and flats[i].size == sup.size:
+            if parent[1] is None or (parent[1].numel() == sup.size
+                                     and not _changes_outside(flats[i], _np_bool(parent[1]), sup)):
                 members[i].update(parent=parent[0], support=support[0], depth=parent[2] + 1)
                 deltas.append(i)
                 continue

@@ -184,3 +184,93 @@ def test_the_largest_tensor_groups_are_never_read_side_by_side():
     assert sorted(order) == sorted(g[0].key for g in groups)  # every group once
     assert order == ["lm_head.weight", "c", "model.embed_tokens.weight", "b", "a"]
     assert _spaced(list(reversed(groups))) == _spaced(groups)  # deterministic whatever the input order
+
+
+def _grow(path: Path, family: Path, second: MergeParams | None = None) -> Store:
+    s = Store.init(path, family / "base", actor="ci")
+    s.register(family / "vision", "vision", "vision")
+    s.register(family / "audio", "audio", "audio")
+    s.expand(MergeParams(density=0.3))
+    s.register(family / "video", "video", "video")
+    s.expand(second)
+    return s
+
+
+def _version_blobs(s: Store, number: int) -> list[tuple]:
+    return sorted((r.role, r.key, r.entry_id, r.digest) for r in s.registry.version_blobs(s.version(number).id))
+
+
+def test_an_incremental_expansion_codes_earlier_masks_without_reading_them_and_stores_the_same_blobs(
+        family, tmp_path, monkeypatch):
+    """With the same parameters, an earlier entry's mask can change only where the merged vector changed:
+    the expansion only locates the previous masks, and stores what reading and checking them would."""
+    reads = []
+    real = expansion_plan._decoded
+
+    def spy(reader, digest, key=None, read=True):
+        reads.append((key, read))
+        return real(reader, digest, key, read)
+
+    monkeypatch.setattr(expansion_plan, "_decoded", spy)
+    trusting = _grow(tmp_path / "trusting", family)
+    masks_seen = [read for key, read in reads if key is not None]
+    assert masks_seen and not any(masks_seen)  # every previous mask located, none decoded
+    monkeypatch.setattr(expansion_plan, "_masks_follow_merged", lambda *args: False)
+    reads.clear()
+    checking = _grow(tmp_path / "checking", family)
+    assert all(read for key, read in reads if key is not None)
+    assert _version_blobs(trusting, 2) == _version_blobs(checking, 2)
+    trusting.close()
+    checking.close()
+
+
+def test_earlier_masks_are_read_and_checked_where_the_parameters_could_move_them_anywhere():
+    follow = expansion_plan._masks_follow_merged
+    same = MergeParams()
+    assert follow(same, same, ["vision"])
+    assert follow(same, MergeParams(lam_per_entry={"video": 0.5}), ["vision"])  # only the new entry's lambda
+    assert not follow(same, MergeParams(alpha=0.8), ["vision"])  # the merged vector moves everywhere
+    assert not follow(same, MergeParams(lam=0.9), ["vision"])
+    assert not follow(same, MergeParams(lam_per_entry={"vision": 0.9}), ["vision"])
+    assert not follow(same, MergeParams(mask_rule="emr"), ["vision"])
+    assert follow(MergeParams(mask_rule="emr"), MergeParams(mask_rule="emr"), ["vision"])
+    consensus = MergeParams(mask_rule="consensus")  # a new entry's votes move the shared mask anywhere
+    assert not follow(consensus, consensus, ["vision"])
+
+
+@pytest.mark.parametrize("second", [MergeParams(density=0.3, alpha=0.8), MergeParams(density=0.3, lam=0.7),
+                                    MergeParams(density=0.3, mask_rule="consensus")])
+def test_an_incremental_expansion_with_other_mask_parameters_equals_one_from_scratch(family, tmp_path, second):
+    grown = _grow(tmp_path / "grown", family, second)
+    assert grown.version(2).details["incremental"]
+    fresh = Store.init(tmp_path / "fresh", family / "base", actor="ci")
+    for name in ("vision", "audio", "video"):
+        fresh.register(family / name, name, name)
+    fresh.expand(second)
+    for name in ("vision", "audio", "video"):
+        ours = tensor_bytes_of(grown.export(name, tmp_path / "ours" / name))
+        theirs = tensor_bytes_of(fresh.export(name, tmp_path / "theirs" / name))
+        assert ours == theirs, name
+    grown.close()
+    fresh.close()
+
+
+def test_a_blob_that_fails_to_decode_fails_the_expansion_and_records_no_version(family, tmp_path, monkeypatch):
+    s = Store.init(tmp_path / "store", family / "base", actor="ci")
+    s.register(family / "vision", "vision", "vision")
+    s.register(family / "audio", "audio", "audio")
+    real = expansion_plan._task_vector
+    calls = []
+
+    def failing(reader, spec, device, checkpoints):
+        calls.append(spec)
+        if len(calls) == 5:
+            raise OSError("disk gone")
+        return real(reader, spec, device, checkpoints)
+
+    monkeypatch.setattr(expansion_plan, "_task_vector", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        s.expand(MergeParams(density=0.3))
+    assert s.versions() == []
+    assert 1 <= expansion_plan.decoder_count() <= 4
+    s.close()

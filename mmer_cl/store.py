@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.device import default_device
 from mmer_cl import identity
-from mmer_cl.dtypes import is_float_code, refuse_unmergeable
+from mmer_cl.dtypes import refuse_unmergeable
 from mmer_cl.errors import ConfigError, KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion_plan import (commit_expansion, llm_shapes, plan_expansion, run_plan,
                                     task_vector_sources)
@@ -54,11 +54,11 @@ from mmer_cl.pipeline import map_checkpoint
 from mmer_cl.reconstruct import SparseMerged
 from mmer_cl.merging import trim_threshold
 from mmer_cl.references import TensorReference, read_task_vector
-from mmer_cl.task_vector import sum_of_squares, task_vector
+from mmer_cl.task_vector import sum_of_squares, task_vector_and_squares
 from mmer_cl.threads import torch_single_threaded
 from mmer_cl.write_behind import write_behind
 from mmer_cl.writer import fsync_dir
-from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member,
+from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord,
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
 from registry.postgres import normalise_url
 from registry.registry import shown_url
@@ -394,13 +394,14 @@ class Store:
             if base_key is None:
                 return key, t, digest, None, [], (0.0, 0.0)
             b = vbase.get(base_key).to(self.device)
+            # squared norms of matrices only: norm scales (often all ones) would mask a foreign base
             if hasattr(ckpt, "task_vector") and key not in keymap.resized:  # LoRA: the update as computed
                 tau = ckpt.task_vector(key, b)
+                squares = (sum_of_squares(tau), sum_of_squares(b)) if tau.dim() >= 2 else (0.0, 0.0)
             else:
-                tau = task_vector(b, keymap.llm_part(key, t))
+                tau, sq_tau, sq_base = task_vector_and_squares(b, keymap.llm_part(key, t))
+                squares = (sq_tau, sq_base) if tau.dim() >= 2 else (0.0, 0.0)
             found = [(density, trim_threshold(tau, density)) for density in densities]  # so expand need not
-            # matrices only: norm scales (often all ones) would mask a foreign base
-            squares = (sum_of_squares(tau), sum_of_squares(b)) if tau.dim() >= 2 else (0.0, 0.0)
             return key, t, digest, tau, found, squares
 
         for step, (key, t, digest, tau, found, squares) in enumerate(prefetched(read(k) for k in keymap.order),

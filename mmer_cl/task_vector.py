@@ -47,6 +47,53 @@ def sum_of_squares(t: torch.Tensor) -> float:
     return float(flat.double().square().sum())
 
 
+_BLOCK = 4096
+
+
+@kernel
+def _bf16_difference(tuned: np.ndarray, base: np.ndarray, out: np.ndarray, sums: np.ndarray) -> None:
+    """``out = float32(tuned) - float32(base)`` from bf16 bits in one pass, and ``sums`` = (sum tau^2,
+    sum base^2) in float64, accumulated in position order as :func:`sum_of_squares` does."""
+    wide_t = np.empty(_BLOCK, dtype=np.uint32)
+    wide_b = np.empty(_BLOCK, dtype=np.uint32)
+    f_t = wide_t.view(np.float32)
+    f_b = wide_b.view(np.float32)
+    tau_sq = 0.0
+    base_sq = 0.0
+    for start in range(0, out.size, _BLOCK):
+        width = min(_BLOCK, out.size - start)
+        for j in range(width):
+            wide_t[j] = np.uint32(tuned[start + j]) << np.uint32(16)
+            wide_b[j] = np.uint32(base[start + j]) << np.uint32(16)
+        for j in range(width):
+            out[start + j] = f_t[j] - f_b[j]
+        for j in range(width):
+            d = np.float64(out[start + j])
+            tau_sq += d * d
+        for j in range(width):
+            v = np.float64(f_b[j])
+            base_sq += v * v
+    sums[0] = tau_sq
+    sums[1] = base_sq
+
+
+def task_vector_and_squares(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """:func:`task_vector`, ``sum_of_squares`` of it and of ``base``: one compiled pass for bf16 weights on
+    the CPU (no float32 copies of the inputs), the separate functions otherwise; the same values either way."""
+    if (jit.enabled() and base.dtype == tuned.dtype == torch.bfloat16 and base.shape == tuned.shape
+            and base.device.type == "cpu" and tuned.device.type == "cpu" and base.numel()):
+        out = np.empty(base.numel(), dtype=np.float32)
+        sums = np.zeros(2, dtype=np.float64)
+        _bf16_difference(_bits16(tuned), _bits16(base), out, sums)
+        return torch.from_numpy(out).reshape(base.shape), float(sums[0]), float(sums[1])
+    tau = task_vector(base, tuned)
+    return tau, sum_of_squares(tau), sum_of_squares(base)
+
+
+def _bits16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+
+
 def task_vector(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """Return ``tuned - base``, exactly, in the working dtype on ``base``'s device."""
     if base.shape != tuned.shape:

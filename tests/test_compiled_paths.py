@@ -231,3 +231,20 @@ def test_a_sparse_form_whose_map_and_values_disagree_is_refused():
     bits = torch.from_numpy(np.packbits(np.array([1, 0, 1, 1], dtype=np.uint8)))
     with pytest.raises(ValueError, match="disagree"):
         reconstruct_sparse(torch.zeros(4, dtype=torch.bfloat16), SparseMerged((4,), bits, torch.ones(2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_one_pass_task_vector_and_norms_equal_the_separate_functions(dtype):
+    from mmer_cl.task_vector import sum_of_squares, task_vector, task_vector_and_squares
+
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 4095, 4097, 3 * 4096 + 5):
+        base = torch.randn(n, generator=g).to(dtype)
+        tuned = (base.float() + 0.001 * torch.randn(n, generator=g)).to(dtype)
+        if n > 4:
+            base[0], tuned[1], base[2] = 0.0, -0.0, 1e-40  # signed zero, a subnormal (float32 and bf16)
+            tuned[3], base[3] = torch.finfo(dtype).max, torch.finfo(dtype).min  # the difference overflows
+        tau, tau_sq, base_sq = task_vector_and_squares(base.reshape(1, -1), tuned.reshape(1, -1))
+        want = task_vector(base.reshape(1, -1), tuned.reshape(1, -1))
+        assert same_bits(tau, want), n
+        assert tau_sq == sum_of_squares(want) and base_sq == sum_of_squares(base), n

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 import builders
 from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.masks import mmer_mask
 from mmer_cl.store import Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v0_1"
@@ -59,7 +60,16 @@ def test_an_old_store_expands_again_in_the_new_format(old_store, tmp_path):
     for label, tensors in expected.items():
         name, version = label.split("@v")
         assert digests(old_store.export(name, tmp_path / f"again-{label}", version=int(version))) == tensors
-    old_store.export("speech", tmp_path / "speech-v3")
+    # v3's masks, coded against release 0.1's masks, are the mask rule applied to v3's merged vector
+    reader, registry = old_store.reader, old_store.registry
+    merged = {r.key: reader.tensor(r.digest) for r in registry.version_blobs(v3.version.id, "merged")}
+    checked = 0
+    for ref in registry.version_blobs(v3.version.id, "mask"):
+        tau_ref = next(r for r in registry.entry_blobs(ref.entry_id, "task_vector") if r.key == ref.key)
+        want = mmer_mask(reader.tensor(tau_ref.digest), merged[ref.key])
+        assert torch.equal(reader.tensor(ref.digest, ref.key), want), ref.key
+        checked += 1
+    assert checked == 4 * len(merged)
     assert old_store.audit().ok
     report = old_store.report(svd=False)
     assert report["on_disk"]["legacy_accumulators"] > 0  # still on disk: versions 1 and 2 use them

@@ -46,7 +46,7 @@ def reconstructed_tensors(
     offers ``merged`` and the mask in the store's sparse form (None where it
     has none for a key): the same bits without building the dense tensors.
     """
-    helper = ThreadPoolExecutor(1, thread_name_prefix="mmer-read")
+    helper = ThreadPoolExecutor(2, thread_name_prefix="mmer-read")
 
     def read(key: str) -> tuple:
         base_key = keymap.llm.get(key)
@@ -56,9 +56,9 @@ def reconstructed_tensors(
         fast = sparse(base_key) if sparse is not None else None
         if fast is not None:
             return key, b.result(), fast, None
+        mk = helper.submit(mask, base_key) if mask is not None else None  # a chain of its own: decoded beside
         m = merged(base_key)
-        mk = mask(base_key) if mask is not None else None
-        return key, b.result(), m, mk
+        return key, b.result(), m, mk.result() if mk is not None else None
 
     with helper:
         yield from _reconstructed(prefetched(read(k) for k in keymap.order), keymap, own, scale)

@@ -216,11 +216,15 @@ def _decoded(reader: TensorReader, digest: str, key: str | None = None, read: bo
 
 
 def decoder_count() -> int:
-    """Blobs decoded at once: one per core, at most 4 (each holds a decode's scratch memory)."""
+    """Blobs decoded at once: one per core this process may use, at most 4 (each holds a decode's scratch
+    memory). ``OMP_NUM_THREADS``, where set (Ray sets it to a task's CPUs), caps it too."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
+    allowed = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if allowed.isdigit() and int(allowed) > 0:
+        cores = min(cores, int(allowed))
     return max(1, min(4, cores))
 
 
@@ -259,6 +263,11 @@ def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and bool(np.array_equal(a.reshape(-1).view(torch.uint8).numpy(), b.reshape(-1).view(torch.uint8).numpy())))
+
+
 def _same_mask(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a.reshape(-1).numpy(), b.reshape(-1).numpy()))
 
@@ -293,8 +302,11 @@ class _GroupWriter:
         raw = merged.numel() * merged.element_size()
         split = split_nonzero(merged.reshape(-1))
         nonzero = split[0]  # masks are ordered by it (see MaskPackBuilder.add)
-        unchanged = coded is not None and not count_true(coded[1])
-        if unchanged:  # the previous blob serves again
+        if coded is not None:
+            unchanged = not count_true(coded[1])
+        else:  # not coded against it (a chain at its longest, or too many changes): compare directly
+            unchanged = inputs.prev_merged is not None and _same_bits(merged, inputs.prev_merged[0])
+        if unchanged:  # the previous blob serves again (a pointer: no longer chain to read)
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
         else:

@@ -70,6 +70,8 @@ def test_an_old_store_expands_again_in_the_new_format(old_store, tmp_path):
         assert torch.equal(reader.tensor(ref.digest, ref.key), want), ref.key
         checked += 1
     assert checked == 4 * len(merged)
+    for name in ("vision", "audio", "video", "speech"):  # and every entry of v3 exports
+        assert Checkpoint(old_store.export(name, tmp_path / f"{name}-v3")).names()
     assert old_store.audit().ok
     report = old_store.report(svd=False)
     assert report["on_disk"]["legacy_accumulators"] > 0  # still on disk: versions 1 and 2 use them

@@ -274,3 +274,52 @@ def test_a_blob_that_fails_to_decode_fails_the_expansion_and_records_no_version(
     assert s.versions() == []
     assert 1 <= expansion_plan.decoder_count() <= 4
     s.close()
+
+
+def _touching_one_tensor(base_dir: Path, out: Path, key: str, seed: int) -> Path:
+    """A text-only fine-tune of the base that changes only tensor ``key``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = Checkpoint(base_dir)
+    tensors = {n: base.get(n).clone() for n in base.names()}
+    gen = torch.Generator().manual_seed(seed)
+    tensors[key] = tensors[key] + 0.005 * torch.randn(tensors[key].shape, generator=gen).to(tensors[key].dtype)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    shutil.copyfile(base_dir / "config.json", out / "config.json")
+    return out
+
+
+def test_a_tensor_that_no_new_entry_changes_keeps_its_blobs_even_where_a_chain_is_at_its_longest(
+        family, tmp_path, monkeypatch):
+    monkeypatch.setattr(delta, "MAX_DEPTH", 1)  # v2 is a chain's longest: v3 cannot be coded against it
+    s = Store.init(tmp_path / "store", family / "base", actor="ci")
+    keys = [n for n in Checkpoint(family / "base").names() if n.endswith("q_proj.weight")]
+    s.register(family / "vision", "vision", "vision")
+    s.register(family / "audio", "audio", "audio")
+    s.expand(MergeParams(density=0.3))
+    s.register(_touching_one_tensor(family / "base", tmp_path / "one", keys[0], 1), "one", "text")
+    s.expand()
+    s.register(_touching_one_tensor(family / "base", tmp_path / "two", keys[1], 2), "two", "text")
+    s.expand()
+    refs = {n: {(r.role, r.key, r.entry_id): r.digest for r in s.registry.version_blobs(s.version(n).id)}
+            for n in (2, 3)}
+    untouched = [key for (role, key, _), _ in refs[3].items() if role == "merged" and key != keys[1]]
+    assert untouched
+    for key in untouched:  # the same merged blob, and every earlier entry's mask pack, at no new depth
+        assert refs[3][("merged", key, None)] == refs[2][("merged", key, None)], key
+        for (role, k, entry), digest in refs[2].items():
+            if role == "mask" and k == key:
+                assert refs[3][(role, k, entry)] == digest, key
+    fresh = Store.init(tmp_path / "fresh", family / "base", actor="ci")
+    for name, path in (("vision", family / "vision"), ("audio", family / "audio"), ("one", tmp_path / "one"),
+                       ("two", tmp_path / "two")):
+        fresh.register(path, name, name if name in ("vision", "audio") else "text")
+    fresh.expand(MergeParams(density=0.3))
+    for name in ("vision", "one", "two"):
+        assert tensor_bytes_of(s.export(name, tmp_path / "ours" / name)) == \
+            tensor_bytes_of(fresh.export(name, tmp_path / "theirs" / name)), name
+    s.close()
+    fresh.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -59,18 +60,21 @@ class CountingBlobStore(BlobStore):
     def __init__(self, inner: BlobStore):
         super().__init__(backend=inner.backend)
         self.read_bytes = self.written_bytes = self.blobs_read = self.blobs_written = 0
+        self._counting = threading.Lock()  # an expansion reads on several decoder threads
 
     def get(self, digest: str) -> bytes:
         data = super().get(digest)
-        self.read_bytes += len(data)
-        self.blobs_read += 1
+        with self._counting:
+            self.read_bytes += len(data)
+            self.blobs_read += 1
         return data
 
     def _put(self, data: bytes) -> tuple[str, bool]:
         digest, new = super()._put(data)
         if new:
-            self.written_bytes += len(data)
-            self.blobs_written += 1
+            with self._counting:
+                self.written_bytes += len(data)
+                self.blobs_written += 1
         return digest, new
 
 

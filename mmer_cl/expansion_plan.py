@@ -217,12 +217,12 @@ def _decoded(reader: TensorReader, digest: str, key: str | None = None, read: bo
 
 def decoder_count() -> int:
     """Blobs decoded at once: one per core this process may use, at most 4 (each holds a decode's scratch
-    memory). ``OMP_NUM_THREADS``, where set (Ray sets it to a task's CPUs), caps it too."""
+    memory). ``MMER_DECODERS``, where set, caps it (a Ray task sets it to its own CPUs)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    allowed = os.environ.get("OMP_NUM_THREADS", "").strip()
+    allowed = os.environ.get("MMER_DECODERS", "").strip()
     if allowed.isdigit() and int(allowed) > 0:
         cores = min(cores, int(allowed))
     return max(1, min(4, cores))

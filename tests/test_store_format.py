@@ -323,3 +323,13 @@ def test_a_tensor_that_no_new_entry_changes_keeps_its_blobs_even_where_a_chain_i
             tensor_bytes_of(fresh.export(name, tmp_path / "theirs" / name)), name
     s.close()
     fresh.close()
+
+
+def test_decoders_follow_the_cores_and_mmer_decoders_caps_them(monkeypatch):
+    monkeypatch.delenv("MMER_DECODERS", raising=False)
+    free = expansion_plan.decoder_count()
+    assert 1 <= free <= 4
+    monkeypatch.setenv("MMER_DECODERS", "1")
+    assert expansion_plan.decoder_count() == 1
+    monkeypatch.setenv("MMER_DECODERS", "not a number")  # ignored
+    assert expansion_plan.decoder_count() == free

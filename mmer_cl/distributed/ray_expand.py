@@ -94,6 +94,8 @@ def run_group(location: str, plan, index: int, group: Sequence, group_fn=None, d
     from storage.reader import TensorReader
 
     torch.set_num_threads(1)
+    # decode with as many threads as the task has CPUs (Ray puts that number in OMP_NUM_THREADS)
+    os.environ["MMER_DECODERS"] = os.environ.get("OMP_NUM_THREADS") or "1"
     start = time.perf_counter()
     blobs = CountingBlobStore(BlobStore.open(location))
     reader = TensorReader(blobs)

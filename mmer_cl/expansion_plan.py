@@ -41,7 +41,7 @@ from mmer_cl.threads import torch_single_threaded
 from mmer_cl.write_behind import write_behind
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
 from storage import BlobStore, TensorReader, encode
-from storage.codecs import count_true, split_nonzero
+from storage.codecs import count_true, int_view, split_nonzero
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
@@ -263,13 +263,10 @@ def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (merged vectors and masks alike; -0.0 differs from 0.0)."""
     return (a.shape == b.shape and a.dtype == b.dtype
-            and bool(np.array_equal(a.reshape(-1).view(torch.uint8).numpy(), b.reshape(-1).view(torch.uint8).numpy())))
-
-
-def _same_mask(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(np.array_equal(a.reshape(-1).numpy(), b.reshape(-1).numpy()))
+            and bool(np.array_equal(int_view(a.reshape(-1)), int_view(b.reshape(-1)))))
 
 
 class _GroupWriter:
@@ -305,7 +302,7 @@ class _GroupWriter:
         if coded is not None:
             unchanged = not count_true(coded[1])
         else:  # not coded against it (a chain at its longest, or too many changes): compare directly
-            unchanged = inputs.prev_merged is not None and _same_bits(merged, inputs.prev_merged[0])
+            unchanged = inputs.prev_merged is not None and _identical(merged, inputs.prev_merged[0])
         if unchanged:  # the previous blob serves again (a pointer: no longer chain to read)
             digest, support = job.prev_merged, None
             result.refs.append(BlobRef("merged", job.key, digest, 0, raw))
@@ -320,7 +317,7 @@ class _GroupWriter:
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
             prev = inputs.prev_masks[i]
-            if prev is not None and (unchanged if prev[0] is None else _same_mask(prev[0], mask)):
+            if prev is not None and (unchanged if prev[0] is None else _identical(prev[0], mask)):
                 # unchanged: point at the previous pack
                 result.refs.append(BlobRef("mask", job.key, job.prev_masks[i], 0, mask.numel(),
                                            plan.members[i].entry_id))

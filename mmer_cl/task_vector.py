@@ -43,7 +43,7 @@ def sum_of_squares(t: torch.Tensor) -> float:
         if flat.dtype == torch.float32:
             return float(_squares_f32(flat.contiguous().numpy()))
         if flat.dtype == torch.bfloat16:
-            return float(_squares_bf16(flat.contiguous().view(torch.int16).numpy().view(np.uint16)))
+            return float(_squares_bf16(_bits16(flat)))
     return float(flat.double().square().sum())
 
 

@@ -752,7 +752,7 @@ class Store:
         largest = max((math.prod(sh) for sh in shapes.values()), default=0)
         reader = TensorReader(self.blobs, cache_bytes=largest + COMPOSE_READ_CACHE_BYTES)
 
-        def blob_source(refs):
+        def blob_source(refs, reader: TensorReader = reader):
             digests = {r.key: r.digest for r in refs}
             return lambda key: reader.tensor(digests[key], key)
 

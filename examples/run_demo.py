@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import zstandard
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("" if args.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, args.seeds)))
     meta = {"command": command, "seconds_training": round(trained, 1),
             "seconds_total": round(time.time() - start, 1),
-            "note": "QUICK SMOKE RUN: tiny training, numbers meaningless." if args.quick else ""}
+            "note": "QUICK SMOKE RUN: tiny training, numbers meaningless." if args.quick else "",
+            # the stored bytes in the storage table depend on the compressor's version
+            "libzstd": ".".join(map(str, zstandard.ZSTD_VERSION))}
     (args.out / "results.md").write_text(markdown(results, meta))
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     chart(results, args.out / "results.png")

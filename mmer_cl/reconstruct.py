@@ -9,6 +9,7 @@ import torch
 
 from mmer_cl.precision import working_dtype
 from storage import jit
+from storage.codecs import int_view
 from storage.jit import kernel
 
 _BLOCK = 4096
@@ -104,10 +105,9 @@ def reconstruct_sparse(base: torch.Tensor, merged: SparseMerged, scale: float = 
         m, mk = merged.dense()
         return reconstruct(base, mk, m, scale, dtype)
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    _bf16_reconstruct_sparse(base.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16),
-                             merged.nonzero_bits.numpy(), values.contiguous().reshape(-1).numpy(),
-                             mask.contiguous().reshape(-1).numpy(),
-                             out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+    _bf16_reconstruct_sparse(int_view(base.reshape(-1)), merged.nonzero_bits.numpy(),
+                             values.contiguous().reshape(-1).numpy(), mask.contiguous().reshape(-1).numpy(),
+                             int_view(out.reshape(-1)))
     return out
 
 
@@ -126,9 +126,9 @@ def reconstruct(base: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor, sc
                          f"merged {tuple(merged.shape)}")
     if _fused(base, mask, merged, scale, dtype):  # bf16 models: one compiled pass, the same bits
         out = torch.empty(base.shape, dtype=torch.bfloat16)
-        _bf16_reconstruct(base.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16),
+        _bf16_reconstruct(int_view(base.reshape(-1)),
                           mask.contiguous().reshape(-1).numpy(), merged.contiguous().reshape(-1).numpy(),
-                          out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+                          int_view(out.reshape(-1)))
         return out
     dt = working_dtype(base.dtype, merged.dtype)
     delta = merged.to(base.device, dt) * mask.to(base.device)

@@ -12,6 +12,7 @@ import torch
 
 from mmer_cl.precision import working_dtype
 from storage import jit
+from storage.codecs import int_view
 from storage.jit import kernel
 
 
@@ -43,7 +44,7 @@ def sum_of_squares(t: torch.Tensor) -> float:
         if flat.dtype == torch.float32:
             return float(_squares_f32(flat.contiguous().numpy()))
         if flat.dtype == torch.bfloat16:
-            return float(_squares_bf16(_bits16(flat)))
+            return float(_squares_bf16(int_view(flat)))
     return float(flat.double().square().sum())
 
 
@@ -84,14 +85,10 @@ def task_vector_and_squares(base: torch.Tensor, tuned: torch.Tensor) -> tuple[to
             and base.device.type == "cpu" and tuned.device.type == "cpu" and base.numel()):
         out = np.empty(base.numel(), dtype=np.float32)
         sums = np.zeros(2, dtype=np.float64)
-        _bf16_difference(_bits16(tuned), _bits16(base), out, sums)
+        _bf16_difference(int_view(tuned.detach().reshape(-1)), int_view(base.detach().reshape(-1)), out, sums)
         return torch.from_numpy(out).reshape(base.shape), float(sums[0]), float(sums[1])
     tau = task_vector(base, tuned)
     return tau, sum_of_squares(tau), sum_of_squares(base)
-
-
-def _bits16(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
 
 
 def task_vector(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:

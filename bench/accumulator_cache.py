@@ -88,6 +88,7 @@ def measure(models: Path, k: int, density: float) -> dict:
         accs = [TiesAccumulator.zeros(taus[0].shape)]
         for tau, th in zip(taus, thresholds):
             accs.append(accs[-1].add(apply_trim(tau, th)))
+        codings = {}  # members -> (bytes, encode s, decode s) of their cache, each coded once
         for n in sizes:
             merged, _ = fused.ties_mmer(taus[:n], thresholds[:n], 1.0, [1.0] * n)  # warm (compiled, pages touched)
             if not torch.equal(merged, accs[n].merged()):  # the cache measured is one the merge could use
@@ -95,12 +96,11 @@ def measure(models: Path, k: int, density: float) -> dict:
             started = time.perf_counter()
             fused.ties_mmer(taus[:n], thresholds[:n], 1.0, [1.0] * n)
             fused_s[n] += time.perf_counter() - started
+            codings[n] = coded(cache_parts(accs[n]))
             if n > 3:  # an incremental expansion to n members reads the cache of n - 1 and writes that of n
-                _, _, dec = coded(cache_parts(accs[n - 1]))
-                size, enc, _ = coded(cache_parts(accs[n]))
-                cache[n]["bytes"] += size
-                cache[n]["encode_s"] += enc
-                cache[n]["decode_s"] += dec
+                cache[n]["bytes"] += codings[n][0]
+                cache[n]["encode_s"] += codings[n][1]
+                cache[n]["decode_s"] += codings[n - 1][2]
         del taus, accs
     return {"params": params, "density": density, "fused_seconds": fused_s, "cache": cache}
 

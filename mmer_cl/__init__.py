@@ -23,7 +23,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mmer_cl.errors import CheckpointError, ConfigError, KeyMappingError, MmerError  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Checkpoint": "mmer_cl.checkpoint", "KeyMap": "mmer_cl.keymap", "map_keys": "mmer_cl.keymap",

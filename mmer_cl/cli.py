@@ -5,8 +5,8 @@ Exit codes: 0 success, 1 failure (damage found, an unexpected error),
 
 Start-up stays fast (``mmer --help`` loads no torch): modules that need torch,
 transformers or SQLAlchemy are imported inside the commands that use them.
-Global options (``--store``, ``--actor``, ``--db-url``, ``-q``) may come
-before or after the subcommand.
+Global options (``--store``, ``--actor``, ``--db-url``, ``--objects``, ``-q``,
+``--json``, ``--debug``) may come before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import click
 
 from mmer_cl.errors import StoreDamagedError
 from mmer_cl.failures import describe_failure
-from mmer_cl.interrupts import remember_interrupts
+from mmer_cl.interrupts import (exit_interrupted, ignore_further_interrupts, raise_from_now_on, remember_interrupts,
+                                was_interrupted)
+from mmer_cl.progress import Progress
 from mmer_cl.table import Right, human_bytes, render_table
 
 if TYPE_CHECKING:
@@ -36,14 +38,18 @@ ENV_OBJECTS = "MMER_OBJECTS"
 ENV_DEBUG = "MMER_DEBUG"
 DEFAULT_STORE = "mmer-store"
 GLOBAL_VALUE_OPTIONS = ("--store", "--actor", "--db-url", "--objects")
-GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug", "--json")
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
     """Move global options given after the subcommand in front of it, so both orders work.
 
     ``mmer versions --store S -q`` becomes ``mmer --store S -q versions``; a
-    ``--`` ends the scan, and options of the subcommand are left alone.
+    ``--`` ends the scan, and options of the subcommand are left alone. A value
+    option given last without its value is refused here, with its name.
+
+    Hand-written because click has no options shared by a group and its
+    subcommands (each subcommand would otherwise repeat all of them).
     """
     i = 0
     while i < len(args):  # skip what precedes the subcommand
@@ -65,7 +71,9 @@ def hoist_global_options(args: list[str]) -> list[str]:
         if a == "--":
             kept += rest[j:]
             break
-        if a in GLOBAL_VALUE_OPTIONS and j + 1 < len(rest):
+        if a in GLOBAL_VALUE_OPTIONS:
+            if j + 1 >= len(rest):
+                raise click.BadOptionUsage(a, f"Option '{a}' requires an argument, e.g. {a} {a[2:].upper()}.")
             moved += rest[j:j + 2]
             j += 2
             continue
@@ -75,29 +83,6 @@ def hoist_global_options(args: list[str]) -> list[str]:
             kept.append(a)
         j += 1
     return list(args[:i]) + moved + [args[i]] + kept
-
-
-class Progress:
-    """A click progress bar on stderr, created on first use, hidden with --quiet."""
-
-    def __init__(self, label: str, quiet: bool):
-        self.label, self.quiet, self.bar, self.done = label, quiet, None, 0
-
-    def __call__(self, step: int, total: int, item: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
-            self.bar.__enter__()
-        self.bar.update(step - self.done)
-        self.done = step
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
 
 
 def _jsonable(obj):
@@ -129,10 +114,24 @@ class Ctx:
     def open(self) -> "Store":
         from mmer_cl.store import Store
 
+        raise_from_now_on()  # torch and the store are loaded: a Ctrl-C now raises, so writes roll back
         return Store.open(self.store_path, url=self.db_url, objects=self.objects)
 
     def progress(self, label: str) -> Progress:
         return Progress(label, self.quiet)
+
+
+def show_version(ctx: click.Context, value: bool) -> None:
+    """``mmer --version``: the package's release and, separately, the store format (the registry schema
+    version, which changes only when the store's layout does; older stores are upgraded on open)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from mmer_cl import __version__
+    from mmer_cl.provenance import store_format
+
+    click.echo(f"mmer (mmer-cl) {__version__}\nstore format {store_format()} (registry schema; stores of "
+               "earlier formats are upgraded when opened)")
+    ctx.exit(0)
 
 
 class MmerGroup(click.Group):
@@ -141,6 +140,16 @@ class MmerGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(args))
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError:
+            name = args[0] if args else ""
+            hint = COMMAND_HINTS.get(name)
+            if hint is None or self.get_command(ctx, name) is not None:
+                raise
+            raise click.UsageError(f"No such command {name!r}. {hint}", ctx) from None
 
     def invoke(self, ctx: click.Context):
         try:
@@ -151,9 +160,27 @@ class MmerGroup(click.Group):
             debug = bool(ctx.params.get("debug")) or os.environ.get(ENV_DEBUG, "") not in ("", "0")
             if debug:
                 traceback.print_exc()
+            if was_interrupted():  # also a Ctrl-C that library code turned into another error (numba's import)
+                exit_interrupted()  # the stores are closed by now; one line, exit 130
             message, code = describe_failure(exc)
             click.echo(message, err=True)
             sys.exit(code)
+
+
+COMMAND_HINTS = {  # what users of git and other tools type, and the mmer command that does it
+    "log": "The audit log is `mmer history` (versions: `mmer versions`).",
+    "status": "See `mmer show` (the current version) and `mmer entries`.",
+    "list": "Use `mmer entries` or `mmer versions`.", "ls": "Use `mmer entries` or `mmer versions`.",
+    "checkout": "To make a version current again: `mmer rollback VERSION`.",
+    "revert": "To make a version current again: `mmer rollback VERSION`.",
+    "reset": "To make a version current again: `mmer rollback VERSION`.",
+    "add": "To add a checkpoint: `mmer register CHECKPOINT --name NAME --modality MODALITY`.",
+    "merge": "To merge the registered entries into a new version: `mmer expand`.",
+    "rm": "To remove an entry: `mmer remove NAME`; an alias: `mmer alias rm NAME`.",
+    "delete": "To remove an entry: `mmer remove NAME`; an alias: `mmer alias rm NAME`.",
+    "verify": "To check every blob: `mmer audit`.", "fsck": "To check every blob: `mmer audit`.",
+    "prune": "To delete unreferenced blobs: `mmer gc`.",
+}
 
 
 def parse_tags(pairs: tuple[str, ...]) -> dict:
@@ -175,11 +202,13 @@ def parse_tags(pairs: tuple[str, ...]) -> dict:
 @click.option("--objects", envvar=ENV_OBJECTS, metavar="URL",
               help="Where blobs live: a directory or an fsspec URL such as s3://bucket/prefix (default: objects/ in "
               f"the store; or set {ENV_OBJECTS}). S3 credentials come from the standard AWS environment/config.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output, for the commands that list or show.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress (bars in a terminal, periodic lines in a log).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output, on every command (before or after "
+              "it); one JSON document per command, described in docs/json.md.")
 @click.option("--debug", is_flag=True, envvar=ENV_DEBUG,
               help=f"Show the traceback of a failure (or set {ENV_DEBUG}=1), for bug reports.")
-@click.version_option(package_name="mmer-cl", message="%(prog)s (mmer-cl) %(version)s")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: show_version(c, v),
+              help="Show mmer-cl's version and the store format it reads and writes, then exit.")
 @click.pass_context
 def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | None, objects: str | None,
         quiet: bool, as_json: bool, debug: bool) -> None:
@@ -190,8 +219,8 @@ def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | N
     model, so each modality runs on base + mask * merged with its own
     encoder. Every expansion is an immutable version you can roll back to.
 
-    Global options (--store, --actor, --db-url, -q) go before or after the
-    command. Versions are named 3, v3 or by an alias (current, production).
+    Global options (--store, --actor, --db-url, -q, --json) go before or after
+    the command. Versions are named 3, v3 or by an alias (current, production).
 
     \b
     Typical session:
@@ -206,11 +235,11 @@ def cli(ctx: click.Context, store_path: Path, actor: str | None, db_url: str | N
 
 
 @cli.command()
-@click.option("--base", "base_path", required=True, type=click.Path(exists=True, path_type=Path),
-              help="The base LLM checkpoint directory (safetensors).")
+@click.option("--base", "base_path", required=True, metavar="PATH|ORG/NAME",
+              help="The base LLM checkpoint directory (safetensors), or a Hub id in the local Hugging Face cache.")
 @click.option("--name", help="A name for the base (default: its directory name).")
 @click.pass_obj
-def init(obj: Ctx, base_path: Path, name: str | None) -> None:
+def init(obj: Ctx, base_path: str, name: str | None) -> None:
     """Create a store for one base LLM (or add another base to a store).
 
     The base is referenced by path, not copied; its tensors' checksums are
@@ -220,14 +249,24 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
     Example:
       mmer --store my-store init --base ./llama-base --name llama
     """
+    from mmer_cl.hub import resolve_checkpoint
+    from mmer_cl.names import validate_name
     from mmer_cl.store import Store
 
+    if name is not None:
+        validate_name(name, "base name")
+    base_path = resolve_checkpoint(base_path, "base")
+    raise_from_now_on()  # as in Ctx.open: the store is about to be written
     with obj.progress("fingerprinting base") as bar:
         store = Store.init(obj.store_path, base_path, base_name=name, actor=obj.actor, url=obj.db_url, progress=bar,
                            objects=obj.objects)
     b = store.init_result
     where = store.blobs.location if obj.objects and obj.db_url else obj.store_path
     store.close()
+    if obj.json:
+        emit_json({"created": store.init_created, "store": str(where), "base": {"name": b.name,
+                   "fingerprint": b.fingerprint, "path": str(base_path)}})
+        return
     if not store.init_created:
         click.echo(f"{where} already holds this base as {b.name!r} ({b.fingerprint[:12]}); nothing changed")
         return
@@ -235,10 +274,10 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--name", required=True, help="Entry name (letters, digits, . _ -).")
-@click.option("--modality", required=True, help="vision, audio, video, text, ...")
-@click.option("--task", default="default", show_default=True, help="What it was fine-tuned for.")
+@click.option("--modality", help="vision, audio, video, text, ... (required, except with --update: the entry's).")
+@click.option("--task", help="What it was fine-tuned for [default; with --update: the entry's].")
 @click.option("--llm-prefix", help="Prefix of the LLM tensors when not a known one (e.g. 'decoder.').")
 @click.option("--max-change", type=float, default=0.5, show_default=True,
               help="Refuse when ||theta - theta_0|| / ||theta_0|| exceeds this (likely another base).")
@@ -250,15 +289,19 @@ def init(obj: Ctx, base_path: Path, name: str | None) -> None:
               "of its task vector (the checkpoint must then stay where it is, unchanged).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
-def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, llm_prefix: str | None,
+def register(obj: Ctx, checkpoint: str, name: str, modality: str | None, task: str | None, llm_prefix: str | None,
              max_change: float, update: bool, description: str, tags: tuple[str, ...], reference: bool,
              base: str | None) -> None:
     """Record a fine-tuned multimodal checkpoint (or a peft LoRA adapter) as a new entry.
 
-    Stores its LLM task vector (fine-tuned minus base; for a LoRA adapter,
-    B @ A * scaling), its encoder/projector and its config files, compressed;
-    the source may be deleted afterwards. Registering the same checkpoint
-    again is recognised and changes nothing. Run `expand` afterwards.
+    CHECKPOINT is a directory (safetensors) or a Hub id ORG/NAME already in the
+    local Hugging Face cache (mmer never downloads). Stores its LLM task vector
+    (fine-tuned minus base; for a LoRA adapter, B @ A * scaling), its
+    encoder/projector and its config files, compressed; the source may be
+    deleted afterwards. Registering the same checkpoint again under its name
+    is recognised and changes nothing; under another name it is refused (exit
+    2), naming the entry that holds it. A taken name needs --update, which
+    keeps the entry's modality and task unless given. Run `expand` afterwards.
     With --reference the task vector is not copied: expansions read the
     checkpoint again, checking every tensor's sha256 (exports never need it).
 
@@ -267,18 +310,39 @@ def register(obj: Ctx, checkpoint: Path, name: str, modality: str, task: str, ll
       mmer register ./llava-vision --name vision --modality vision --task vqa
       mmer register /models/llava-audio --name audio --modality audio --reference
       mmer register ./lora-adapter --name chat --modality text --tag owner=ana
-      mmer register ./llava-vision-v2 --name vision --modality vision --update
+      mmer register ./llava-vision-v2 --name vision --update
     """
+    from mmer_cl.hub import resolve_checkpoint
+    from mmer_cl.names import validate_name
+
+    validate_name(name, "entry name")  # before any store or checkpoint is opened
+    for value, what in ((modality, "modality"), (task, "task"), (base, "base name")):
+        if value is not None:
+            validate_name(value, what)
+    parsed_tags = parse_tags(tags)
+    if not max_change > 0 or max_change != max_change or max_change == float("inf"):
+        raise click.BadParameter(f"must be a finite number > 0, got {max_change}", param_hint="--max-change")
+    if modality is None and not update:
+        raise click.UsageError("give the entry's modality: --modality vision (or audio, video, text, ...)")
+    path = resolve_checkpoint(checkpoint)
     with obj.open() as store, obj.progress(f"registering {name}") as bar:
-        result = store.register(checkpoint, name, modality, task, llm_prefix=llm_prefix, base=base,
+        result = store.register(path, name, modality, task, llm_prefix=llm_prefix, base=base,
                                 actor=obj.actor, max_relative_change=max_change, progress=bar, update=update,
-                                description=description, tags=parse_tags(tags), reference=reference)
-    if not result.created:
-        click.echo(f"already registered as entry {result.entry.label!r}; nothing changed")
+                                description=description, tags=parsed_tags, reference=reference)
+    if result.skipped_files:
+        click.echo(f"warning: not copied from {checkpoint} (not a known config, tokenizer, processor, template or "
+                   f"model card file): {', '.join(result.skipped_files)}", err=True)
+    e = result.entry
+    if obj.json:
+        emit_json({"created": result.created, "entry": e, "summary": result.keymap_summary,
+                   "relative_change": e.stats.get("relative_change"), "skipped_files": list(result.skipped_files)})
         return
-    rev = f" revision {result.entry.revision}" if result.entry.revision > 1 else ""
-    click.echo(f"registered {name!r}{rev} ({modality}/{task}): {result.keymap_summary}; "
-               f"relative change {result.entry.stats['relative_change']:.4f}")
+    if not result.created:
+        click.echo(f"already registered as entry {e.label!r}; nothing changed")
+        return
+    rev = f" revision {e.revision}" if e.revision > 1 else ""
+    click.echo(f"registered {name!r}{rev} ({e.modality}/{e.task}): {result.keymap_summary}; "
+               f"relative change {e.stats['relative_change']:.4f}")
 
 
 @cli.command()
@@ -326,13 +390,26 @@ def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, c
         from mmer_cl.recipe import load_recipe
 
         recipe = load_recipe(config)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    MergeParams(**{**(recipe.params.to_dict() if recipe else {}), **given})  # checked before the store opens
+    member_list = [m.strip() for m in members.split(",") if m.strip()] if members else \
+        (recipe.members if recipe else None)
+    from mmer_cl.names import validate_name
+
+    for member in member_list or ():
+        validate_name(member, "member name")
+    version_tags = parse_tags(tags)
     with obj.open() as store:
-        current = store.registry.version(store.base(base).id)
+        base_rec = store.base(base)
+        wanted = str(recipe.info.get("base_fingerprint") or "") if recipe else None
+        if wanted and wanted != base_rec.fingerprint:
+            raise click.UsageError(f"{config} was made for base {recipe.info.get('base')!r} ({str(wanted)[:12]}); "
+                                   f"this store's base {base_rec.name!r} is {base_rec.fingerprint[:12]}. Use it in a "
+                                   "store of that base (or delete the base_fingerprint line to apply its parameters "
+                                   "here anyway)")
+        current = store.registry.version(base_rec.id)
         start = recipe.params if recipe else (MergeParams.from_dict(current.params) if current else MergeParams())
-        given = {k: v for k, v in overrides.items() if v is not None}
         params = MergeParams(**{**start.to_dict(), **given})
-        member_list = [m.strip() for m in members.split(",") if m.strip()] if members else \
-            (recipe.members if recipe else None)
         runner = None
         if ray_address is not None:
             from mmer_cl.distributed.ray_expand import RayRunner
@@ -342,7 +419,7 @@ def expand(obj: Ctx, base: str | None, ray_address: str | None, as_json: bool, c
             result = store.expand(params, base=base, actor=obj.actor, progress=bar, members=member_list,
                                   recipe=recipe.text if recipe else None,
                                   description=description or (recipe.description if recipe else ""),
-                                  tags={**(recipe.tags if recipe else {}), **parse_tags(tags)}, runner=runner)
+                                  tags={**(recipe.tags if recipe else {}), **version_tags}, runner=runner)
     v = result.version
     moved = runner.summary() if runner is not None and result.created else None
     if as_json:
@@ -432,6 +509,9 @@ def rollback(obj: Ctx, version: str, base: str | None) -> None:
     """
     with obj.open() as store:
         before, after = store.rollback(version, base=base, actor=obj.actor)
+    if obj.json:
+        emit_json({"alias": "current", "before": before, "after": after})
+        return
     click.echo(f"current: {before} -> {after}")
 
 
@@ -442,15 +522,29 @@ def rollback(obj: Ctx, version: str, base: str | None) -> None:
 def remove(obj: Ctx, name: str, base: str | None) -> None:
     """Remove an entry: a new version without it becomes current.
 
-    Earlier versions keep it, so a rollback brings it back.
+    The new version holds the current version's members less this one.
+    When an entry was registered or updated since the current version, it
+    is refused (nothing changes): run `mmer expand` first, so that the new
+    entry enters a version of its own. Earlier versions keep the removed
+    entry, so a rollback brings it back.
 
     \b
     Example:
       mmer remove audio
     """
+    from mmer_cl.names import validate_name
+
+    validate_name(name, "entry name")
     with obj.open() as store, obj.progress("re-merging") as bar:
         v = store.remove(name, base=base, actor=obj.actor, progress=bar)
-    click.echo(f"removed {name!r}; " + (f"version {v.number} is current" if v else "no entries left"))
+    if obj.json:
+        emit_json({"removed": name, "version": v})
+        return
+    if v is None:
+        click.echo(f"removed {name!r}; no version is current")
+        return
+    click.echo(f"removed {name!r}; version {v.number} is current: " + (", ".join(
+        f"{m.entry_name}" + (f" r{m.revision}" if m.revision > 1 else "") for m in v.members)))
 
 
 @cli.command()
@@ -480,6 +574,10 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
     if bool(entry) == text:
         raise click.UsageError("give exactly one of --entry NAME or --text")
     shard = parse_size(max_shard_size) if max_shard_size else None
+    if entry is not None:
+        from mmer_cl.names import validate_name
+
+        validate_name(entry, "entry name")
     with obj.open() as store, obj.progress("exporting") as bar:
         if text:
             store.export_text(out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
@@ -487,10 +585,19 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
         else:
             store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
                          use_mask=not no_mask, progress=bar, actor=obj.actor)
-    click.echo(f"wrote {out_dir}")
+        number = store.version(version, base).number
+    if obj.json:
+        emit_json({"path": str(out_dir), "entry": entry, "text": text, "version": number,
+                   "files": sorted(p.name for p in Path(out_dir).iterdir())})
+        return
+    click.echo(f"wrote {out_dir} (version {number}; its recipe: {Path(out_dir) / 'mmer-recipe.yaml'})")
 
 
 def parse_size(text: str) -> int:
+    """``500MB``, ``5GB``, ``512MiB`` or a byte count as bytes.
+
+    Hand-written: huggingface_hub's ``parse_size_to_int`` is private and refuses binary units (MiB, GiB).
+    """
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
     for unit, mult in units.items():
@@ -508,10 +615,14 @@ def parse_size(text: str) -> int:
 @click.option("--base", help="Base name, when the store holds several.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also draw size against reconstruction error (MMER, LoRA ranks, full copies) to this PNG.")
+              help="Also draw the bytes to serve every entry against task retention (with --eval) or the task "
+              "vectors' reconstruction error: full copies, LoRA ranks, MMER as points, to this PNG.")
+@click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='Measured task retention for --plot: {"retention": {"mmer": 0.97, "full": 1.0, "lora": '
+              '{"16": 0.95}}}, or the demo\'s examples/results/results.json.')
 @click.pass_obj
 def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | None, as_json: bool,
-           plot: Path | None) -> None:
+           plot: Path | None, eval_file: Path | None) -> None:
     """Storage cost of a version against full copies and LoRA adapters.
 
     Counts every byte the store holds on disk (task vectors, merged
@@ -527,20 +638,24 @@ def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | 
     Examples:
       mmer report --ranks 8,64 --json
       mmer report --plot size-vs-error.png
+      mmer report --plot size-vs-retention.png --eval examples/results/results.json
     """
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:
         raise click.BadParameter(f"ranks must be integers separated by commas, got {ranks!r}") from None
-    from mmer_cl.report import format_report
+    from mmer_cl.report import format_report, load_retention
 
+    if eval_file is not None and plot is None:
+        raise click.UsageError("--eval is read for the plot: add --plot FILE.png")
+    retention = load_retention(eval_file) if eval_file is not None else None
     with obj.open() as store, obj.progress("measuring") as bar:
         r = store.report(version, base, rank_list, svd=not no_svd, progress=bar)
     emit_json(r) if as_json or obj.json else click.echo(format_report(r))
     if plot:
         from mmer_cl.report import plot_report
 
-        plot_report(r, plot)
+        plot_report(r, plot, retention, str(eval_file or ""))
         click.echo(f"wrote {plot}", err=as_json or obj.json)
 
 
@@ -549,7 +664,8 @@ def report(obj: Ctx, version: str | None, ranks: str, no_svd: bool, base: str | 
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
-    """Verify every blob's checksum and every row's references.
+    """Verify every blob's checksum, every row's references, and every
+    entry and version row against its manifest in the blob store.
 
     Exits 1 and names each damaged or missing blob with the entries and
     versions it breaks. See `mmer history` for who did what when.
@@ -561,9 +677,10 @@ def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
     try:
         store = obj.open()
     except StoreDamagedError as exc:  # the database itself is a finding, like a damaged blob
-        if as_json:
+        if as_json or obj.json:
             emit_json({"ok": False, "checked": 0, "damaged": [], "dangling": [], "base_problems": [],
-                       "database_problems": [str(exc)], "unreferenced": 0})
+                       "database_problems": [str(exc)], "unreferenced": 0, "manifest_problems": [],
+                       "undescribed": 0})
         else:
             click.echo(f"PROBLEM registry: {exc}")
         sys.exit(1)
@@ -577,8 +694,17 @@ def audit(obj: Ctx, check_base: bool, as_json: bool) -> None:
             click.echo(f"{d.problem.upper()} blob {d.digest}: breaks {shown}")
         for p in rep.database_problems:
             click.echo(f"PROBLEM registry: {p}")
+        for p in rep.manifest_problems:
+            click.echo(f"DAMAGE {p}")
         for p in rep.dangling + rep.base_problems:
             click.echo(f"PROBLEM {p}")
+        if rep.manifest_problems or rep.dangling:
+            click.echo("the registry differs from the manifests in the blob store: `mmer gc` refuses to run. "
+                       "Restore the registry from a backup taken before the damage (registry.db, or your "
+                       "--db-url database); the manifests make it work again.")
+        if rep.undescribed:
+            click.echo(f"note: {rep.undescribed} rows of an earlier release have no manifest yet (written on the "
+                       "next command that can write to the store)")
         if rep.ok:
             click.echo(f"ok: {rep.checked} blobs verified" +
                        (f"; {rep.unreferenced} unreferenced (run `mmer gc`)" if rep.unreferenced else ""))
@@ -612,12 +738,18 @@ def history(obj: Ctx, limit: int | None, as_json: bool) -> None:
 def gc(obj: Ctx) -> None:
     """Delete blobs that no entry or version references (left by crashes).
 
+    Refuses to run while `mmer audit` finds the registry damaged (rows that
+    differ from the manifests), and never removes a running export's files.
+
     \b
     Example:
       mmer gc
     """
     with obj.open() as store:
         result = store.gc(obj.actor)
+    if obj.json:
+        emit_json(result)
+        return
     click.echo(f"removed {result.removed} blobs ({human_bytes(result.freed_bytes)}), "
                f"{result.temp_files} temp files, {result.partial_exports} partial exports")
 
@@ -664,6 +796,9 @@ def alias_set(ctx: click.Context, name: str, version: str) -> None:
     obj: Ctx = ctx.obj
     with obj.open() as store:
         before, after = store.set_alias(name, version, base=ctx.meta.get("alias_base"), actor=obj.actor)
+    if obj.json:
+        emit_json({"alias": name, "before": before, "after": after})
+        return
     click.echo(f"{name}: {before} -> {after}")
 
 
@@ -680,6 +815,9 @@ def alias_rm(ctx: click.Context, name: str) -> None:
     obj: Ctx = ctx.obj
     with obj.open() as store:
         before = store.remove_alias(name, base=ctx.meta.get("alias_base"), actor=obj.actor)
+    if obj.json:
+        emit_json({"alias": name, "before": before, "after": None})
+        return
     click.echo(f"{name}: {before} -> none (removed)")
 
 
@@ -702,8 +840,17 @@ def tag(obj: Ctx, pairs: tuple[str, ...], entry: str | None, version: str | None
     """
     if not pairs and not remove:
         raise click.UsageError("give tags as KEY=VALUE and/or --rm KEY")
+    bare = [p for p in pairs if "=" not in p]
+    if bare:  # `mmer tag v1.0 v2`, as in git: a name for a version is an alias
+        example = f"mmer alias set {bare[0]} {bare[1] if len(bare) > 1 else 'VERSION'}"
+        raise click.UsageError(f"tags are KEY=VALUE (e.g. `mmer tag stage=production`); to give a version a name, "
+                               f"use an alias: `{example}`")
+    new_tags = parse_tags(pairs)
     with obj.open() as store:
-        tags = store.tag(parse_tags(pairs), remove=remove, entry=entry, version=version, base=base, actor=obj.actor)
+        tags = store.tag(new_tags, remove=remove, entry=entry, version=version, base=base, actor=obj.actor)
+    if obj.json:
+        emit_json({"target": f"entry {entry}" if entry else f"version {version or 'current'}", "tags": tags})
+        return
     click.echo(", ".join(f"{k}={v}" for k, v in tags.items()) or "no tags")
 
 
@@ -723,6 +870,10 @@ def describe(obj: Ctx, text: str, entry: str | None, version: str | None, base: 
     """
     with obj.open() as store:
         store.describe(text, entry=entry, version=version, base=base, actor=obj.actor)
+    if obj.json:
+        emit_json({"target": f"entry {entry}" if entry else f"version {version or 'current'}",
+                   "description": text})
+        return
     click.echo("description set")
 
 
@@ -770,15 +921,27 @@ def diff(obj: Ctx, v1: str, v2: str | None, base: str | None, as_json: bool) -> 
 
 
 def main() -> None:
+    """The ``mmer`` command (see :mod:`mmer_cl.entry`, which handles Ctrl-C before this module loads)."""
     # A file-size limit (ulimit -f) must end in EFBIG, a message and exit 1, not a kill by SIGXFSZ.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    remember_interrupts()  # a Ctrl-C swallowed by library code is raised again at the next tensor
+    remember_interrupts(clear=False, at_once=True)  # until the store opens (Ctx.open), as in mmer_cl.entry
     try:
-        cli(prog_name="mmer")
-    except SystemExit as exc:  # click ends every command, failed or not, with SystemExit
-        exit_now(exc.code)
-    exit_now(0)
+        code = cli.main(prog_name="mmer", standalone_mode=False)  # click's standalone mode prints "Aborted!"
+        code = code if isinstance(code, int) else 0
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except SystemExit as exc:  # a command's failure, already reported by MmerGroup.invoke
+        code = exc.code
+    except BaseException as exc:  # noqa: BLE001 - Ctrl-C while click parses, or click.Abort made of it
+        if was_interrupted() or isinstance(exc, (KeyboardInterrupt, click.exceptions.Abort)):
+            exit_interrupted()
+        message, code = describe_failure(exc)
+        click.echo(message, err=True)
+    if was_interrupted() and code not in (0, 130):  # reported above as another failure: say what happened
+        exit_interrupted()
+    exit_now(code)
 
 
 def exit_now(code: int | str | None) -> NoReturn:
@@ -789,6 +952,7 @@ def exit_now(code: int | str | None) -> NoReturn:
     thread joined, and mmer registers no exit handlers: only the output streams need flushing, and a
     local Ray cluster that ``expand --ray`` started needs stopping (Ray does that at a normal exit).
     """
+    ignore_further_interrupts()  # the command is over: a Ctrl-C now must not turn the exit into a traceback
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         ray.shutdown()

@@ -14,7 +14,7 @@ import torch
 from mmer_cl import fused
 from mmer_cl.accumulators import TiesAccumulator
 from mmer_cl.masks import compute_masks, masked_abs_sums
-from mmer_cl.merging import TrimThreshold, merge, trim, trim_threshold, trim_part
+from mmer_cl.merging import TrimThreshold, merge, trim, trim_part, trim_threshold, with_tie_rule
 from mmer_cl.params import MergeParams
 from mmer_cl.precision import as_working
 
@@ -36,11 +36,11 @@ class TensorExpansion:
 
 
 def accumulate(taus: Sequence[torch.Tensor], density: float,
-               previous: TiesAccumulator | None = None) -> TiesAccumulator:
+               previous: TiesAccumulator | None = None, tie_rule: str = "hash", seed: int = 0) -> TiesAccumulator:
     """Fold trimmed task vectors into ``previous`` (or into zeros)."""
     acc = previous or TiesAccumulator.zeros(taus[0].shape, taus[0].device, as_working(taus[0]).dtype)
     for tau in taus:
-        acc = acc.add(trim(tau, density))
+        acc = acc.add(trim(tau, density, tie_rule, seed))
     return acc
 
 
@@ -85,7 +85,7 @@ def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[Trim
     for piece in _pieces(out.numel()):
         hats = []
         for i, (tau, threshold) in enumerate(zip(flat, thresholds)):
-            hat, used = trim_part(tau[piece], threshold, ties_left[i])
+            hat, used = trim_part(tau[piece], threshold, ties_left[i], piece.start)
             ties_left[i] -= used
             hats.append(hat)
         out[piece] = _fold(hats, alpha)
@@ -116,6 +116,7 @@ def expand_tensor(
     With ``ties``, ``thresholds[i]`` (when given) is model ``i``'s trim of this
     tensor from an earlier expansion at the same density, so only models
     without one are trimmed by selection; the result is the same either way.
+    Ties at a threshold are chosen by ``params.tie_rule``, seeded by ``params.tensor_seed(tensor_name)``.
     ``lams`` gives each task vector its own mask lambda (default: ``params.lam`` for all).
     """
     if not taus:
@@ -125,13 +126,15 @@ def expand_tensor(
     if params.incremental:
         known = list(thresholds) if thresholds is not None else [None] * len(taus)
         found = [t if t is not None else trim_threshold(tau, params.density) for tau, t in zip(taus, known)]
+        seed = params.tensor_seed(tensor_name)  # the tie rule's per-tensor seed
+        ruled = [with_tie_rule(tau, t, params.tie_rule, seed) for tau, t in zip(taus, found)]
         if fused.applies(taus, params.mask_rule):
-            merged, masks = fused.ties_mmer(taus, found, params.alpha, lams)
+            merged, masks = fused.ties_mmer(taus, ruled, params.alpha, lams)
             return TensorExpansion(merged=merged, masks=masks, thresholds=found, abs_sums=[(0.0, 0.0)] * len(taus))
-        merged = ties_from_thresholds(taus, found, params.alpha)
+        merged = ties_from_thresholds(taus, ruled, params.alpha)
     else:
         merged = merge(params.method, taus, density=params.density, alpha=params.alpha,
-                       seed=params.tensor_seed(tensor_name))
+                       seed=params.tensor_seed(tensor_name), tie_rule=params.tie_rule)
     masks = masks_in_pieces(params.mask_rule, taus, merged, lams, params.k)
     if params.mask_rule == "emr":
         abs_sums = [masked_abs_sums(t, m, merged) for t, m in zip(taus, masks)]

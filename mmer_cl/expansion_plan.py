@@ -40,7 +40,7 @@ from mmer_cl.references import TensorReference, is_reference, read_task_vector
 from mmer_cl.threads import torch_single_threaded
 from mmer_cl.write_behind import write_behind
 from registry import BaseTensor, BlobRef, EntryRecord, Member, Registry, Trim, VersionRecord
-from storage import BlobStore, TensorReader, encode
+from storage import BlobStore, TensorReader, delta, encode
 from storage.codecs import count_true, int_view, split_nonzero
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
@@ -70,6 +70,7 @@ class TensorJob:
     thresholds: tuple[tuple[int, int] | None, ...]
     prev_merged: str | None
     prev_masks: tuple[str | None, ...]
+    rebase: bool = False  # written whole, not coded against the previous version (see rebase_phases)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,25 @@ def _groups(jobs: Sequence[TensorJob]) -> tuple[tuple[TensorJob, ...], ...]:
     return tuple(tuple(g) for g in groups)
 
 
+def rebase_phases(shapes: dict[str, tuple[int, ...]], period: int) -> dict[str, int]:
+    """Per tensor, which versions write it whole: those whose number is its phase modulo ``period``.
+
+    Chains of deltas are cut so that a read never walks more than ``period`` links, but never all at
+    once (a whole version costs more than a copy once it holds many masks): the tensors are spread
+    over the phases with about the same number of parameters in each, largest first, each to the
+    lightest phase so far (ties: the lowest phase, then the tensor name). A function of the base's
+    shapes alone, so every version of a store agrees on it.
+    """
+    load = [0] * period
+    phases = {}
+    for key, numel in sorted(((k, int(torch.Size(s).numel())) for k, s in shapes.items()),
+                             key=lambda kv: (-kv[1], kv[0])):
+        phase = min(range(period), key=lambda p: (load[p], p))
+        phases[key] = phase
+        load[phase] += numel
+    return phases
+
+
 def task_vector_sources(registry: Registry, blobs: BlobStore | None, base_id: int,
                          entry: EntryRecord) -> dict[str, str]:
     """Per base tensor: the digest of the entry's task vector blob, or the reference spec to rebuild it."""
@@ -170,7 +190,11 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
     prev_masks = {(r.entry_id, r.key): r.digest for r in registry.version_blobs(previous.id, "mask")} \
         if previous else {}
     jobs = []
-    for key, shape in llm_shapes(registry.base_tensors(base_id)).items():
+    shapes = llm_shapes(registry.base_tensors(base_id))
+    period = delta.MAX_DEPTH  # so a chain is cut by its phase before the encoders' own limit
+    phases = rebase_phases(shapes, period)
+    number = previous.number + 1 if previous else 1  # the phase this version is at (a rollback repeats one)
+    for key, shape in shapes.items():
         missing = [e.name for e in entries if key not in task_vectors[e.id]]
         if missing:
             raise MmerError(f"entries {missing} have no task vector for {key}; run `mmer audit`")
@@ -180,7 +204,8 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
             task_vectors=tuple(task_vectors[e.id][key] for e in entries),
             thresholds=tuple((t.bits, t.ties) if t else None for t in cached),
             prev_merged=prev_merged.get(key),
-            prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries)))
+            prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries),
+            rebase=phases[key] == number % period))
     new = tuple(e.name for e in entries if e.id not in set(prev_ids)) if incremental else ()
     follow = incremental and _masks_follow_merged(MergeParams.from_dict(previous.params), params,
                                                   [m.entry_name for m in previous.members])
@@ -293,7 +318,7 @@ class _GroupWriter:
                 result.trims.append(Trim(member.entry_id, plan.params.density, job.key, found.bits, found.ties))
         merged = out.merged.cpu()
         coded = None
-        if inputs.prev_merged is not None:
+        if inputs.prev_merged is not None and not job.rebase:
             parent, depth = inputs.prev_merged
             coded = encode_delta(merged, parent, job.prev_merged, depth)
         raw = merged.numel() * merged.element_size()

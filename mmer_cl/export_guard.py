@@ -11,14 +11,21 @@ It never touches:
 * the store (its root, or anything inside it), the base checkpoint directory,
   any registered entry's source directory, or any directory that *contains*
   one of those (``export --force .`` from a directory holding the store);
-* ``/`` or the home directory.
+* ``/`` or the home directory;
+* any mmer store (a directory holding ``objects/mmer-store.json``, or
+  ``registry.db`` beside ``objects/``, or a blob location's ``mmer-store.json``),
+  any directory inside one, or any directory that contains one.
 
 An export is built in ``.NAME.<random>.partial`` beside its target and put in
 place by one atomic rename (an atomic exchange when replacing). A crash leaves
 at worst such a partial directory, which the next export to the same target
 and ``mmer gc`` remove; each partial directory carries the marker from its
 first moment, so only directories mmer created are ever removed. ``gc`` learns
-the targets from the ``export`` events of the audit log.
+the targets from the ``export`` events of the audit log, and never removes the
+partial directory of a running export: exports hold the store's export lock
+(:func:`mmer_cl.locks.export_lock`) shared; gc removes partial directories only
+when it gets that lock exclusively, and otherwise only those untouched for
+:data:`GRACE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -34,6 +42,8 @@ from mmer_cl.errors import ExportRefusedError
 
 MARKER_NAME = ".mmer-export.json"
 PARTIAL_SUFFIX = ".partial"
+STORE_MARKER = "mmer-store.json"
+GRACE_SECONDS = 3600  # a partial directory nothing wrote to for this long is no running export's
 
 
 @dataclass(frozen=True)
@@ -75,10 +85,37 @@ def default_protected() -> list[Protected]:
     return found
 
 
+def is_store(directory: Path) -> bool:
+    """Whether ``directory`` is an mmer store or blob location (of any store, not only this one)."""
+    try:
+        return ((directory / "objects" / STORE_MARKER).is_file() or (directory / STORE_MARKER).is_file()
+                or ((directory / "registry.db").is_file() and (directory / "objects").is_dir()))
+    except OSError:
+        return False
+
+
+def _store_at_or_above(real: Path) -> Path | None:
+    return next((p for p in (real, *real.parents) if is_store(p)), None)
+
+
+def _store_below(real: Path) -> Path | None:
+    """A store anywhere inside ``real`` (symlinks not followed); None when there is none."""
+    for parent, dirs, _ in os.walk(real):
+        for d in dirs:
+            if is_store(Path(parent) / d):
+                return Path(parent) / d
+    return None
+
+
 def check_target(target: str | Path, overwrite: bool, protected: Iterable[Protected] = ()) -> None:
     """Raise :class:`ExportRefusedError` unless writing (or, with ``overwrite``, replacing) ``target`` is safe."""
     raw = Path(os.path.abspath(os.fspath(target)))
     real = _real(target)
+    store = _store_at_or_above(real)
+    if store is not None:
+        rel = "is" if store == real else "is inside"
+        raise ExportRefusedError(f"refusing to export to {target}: it {rel} an mmer store ({store}). Choose a "
+                                 "directory outside every store, e.g. out/NAME.")
     for p in [*default_protected(), *protected]:
         pr = _real(p.path)
         if real == pr or pr.is_relative_to(real) and real != pr:
@@ -106,6 +143,10 @@ def check_target(target: str | Path, overwrite: bool, protected: Iterable[Protec
         raise ExportRefusedError(
             f"refusing to replace {target}: it was not written by mmer (no {MARKER_NAME} in it), and --force only "
             "replaces earlier mmer exports. Choose another output directory, or move its contents away first.")
+    inner = _store_below(real)
+    if inner is not None:
+        raise ExportRefusedError(f"refusing to replace {target}: it contains an mmer store ({inner}). Move the "
+                                 "store out first, or choose another output directory.")
 
 
 def partial_dirs(target: Path) -> list[Path]:
@@ -120,11 +161,24 @@ def partial_dirs(target: Path) -> list[Path]:
     return sorted(found)
 
 
-def remove_leftovers(target: str | Path) -> int:
-    """Remove what a crashed export to ``target`` left beside it; returns how many directories went."""
+def _idle_seconds(directory: Path) -> float:
+    """Seconds since anything in ``directory`` (or the directory itself) was last written."""
+    try:
+        newest = max([directory.stat().st_mtime, *(p.stat().st_mtime for p in directory.iterdir())])
+    except OSError:
+        return 0.0
+    return time.time() - newest
+
+
+def remove_leftovers(target: str | Path, min_idle: float = 0.0) -> int:
+    """Remove what a crashed export to ``target`` left beside it; returns how many directories went.
+
+    ``min_idle``: leave partial directories written to within that many seconds (a running export's)."""
     target = Path(os.path.abspath(os.fspath(target)))
     removed = 0
     for p in partial_dirs(target):
+        if min_idle and _idle_seconds(p) < min_idle:
+            continue
         shutil.rmtree(p, ignore_errors=True)
         removed += not p.exists()
     return removed

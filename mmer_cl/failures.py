@@ -82,7 +82,15 @@ def _sqlalchemy_message(exc: BaseException) -> str | None:
 
 
 def describe_failure(exc: BaseException) -> tuple[str, int]:
-    """The message a user sees for ``exc`` and the exit status."""
+    """The message a user sees for ``exc`` and the exit status; never a password of a database URL
+    (every secret of the URLs opened so far is masked, see :mod:`registry.urls`)."""
+    from registry.urls import scrub
+
+    message, code = _describe(exc)
+    return scrub(message), code
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted. " + CONSISTENT, 130
     if isinstance(exc, MmerError):
@@ -101,7 +109,7 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
     inner, depth = exc.__cause__ or exc.__context__, 0
     while inner is not None and depth < 5:  # e.g. a library error wrapping "No space left on device"
         if isinstance(inner, OSError) or _sqlalchemy_message(inner) is not None:
-            return describe_failure(inner)
+            return _describe(inner)
         inner, depth = inner.__cause__ or inner.__context__, depth + 1
     return (f"internal error ({type(exc).__name__}: {exc}). This is a bug in mmer-cl: rerun with --debug and "
             "report it with the traceback. " + CONSISTENT), 1

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmer_cl.merging import TrimThreshold
+from mmer_cl.merging import TrimThreshold, tie_offset
 from storage import jit
 from storage.jit import kernel
 
@@ -24,7 +24,7 @@ _BLOCK = 4096  # positions per step: each model's slice is copied into a small, 
 
 
 @kernel
-def _ties_mmer(values, cut, ties, alpha, lams, merged, masks) -> None:
+def _ties_mmer(values, cut, ties, hashed, offsets, tie_cuts, alpha, lams, merged, masks) -> None:
     k = len(values)
     n = merged.size
     left = ties.copy()
@@ -49,7 +49,27 @@ def _ties_mmer(values, cut, ties, alpha, lams, merged, masks) -> None:
             val[i, :width] = values[i][start:stop]
             c = np.int32(cut[i])
             v, w = val[i], word[i]
-            ties_end = 0  # ties at the threshold before this position are kept (the earliest ones overall)
+            if hashed[i]:  # tie rule hash: a tie is kept where its position's hash is at most the cut
+                any_tie = c > 0 and ties[i] > 0
+                off, top = offsets[i], tie_cuts[i]
+                for j in range(width):
+                    key = w[j] & 0x7FFFFFFF
+                    keep = key > c
+                    if key == c and any_tie:
+                        h = np.uint64(start + j) + off  # merging.tie_hash, inlined
+                        h ^= h >> np.uint64(30)
+                        h *= np.uint64(0xBF58476D1CE4E5B9)
+                        h ^= h >> np.uint64(27)
+                        h *= np.uint64(0x94D049BB133111EB)
+                        h ^= h >> np.uint64(31)
+                        keep = h <= top
+                    y = v[j] if keep else zero
+                    pos[j] += max(y, zero)
+                    neg[j] += min(y, zero)
+                    n_pos[j] += one if y > zero else zero
+                    n_neg[j] += one if y < zero else zero
+                continue
+            ties_end = 0  # tie rule earliest: ties before this position are kept (the earliest ones overall)
             if c > 0 and left[i] > 0:
                 ties_end = width
                 for j in range(width):
@@ -88,12 +108,17 @@ def applies(taus: Sequence[torch.Tensor], rule: str) -> bool:
 
 def ties_mmer(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold], alpha: float,
               lams: Sequence[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The ties merge of float32 CPU ``taus`` trimmed by ``thresholds``, and each one's ``mmer`` mask."""
+    """The ties merge of float32 CPU ``taus`` trimmed by ``thresholds`` (either tie rule, see
+    :class:`mmer_cl.merging.TrimThreshold`), and each one's ``mmer`` mask."""
     shape = taus[0].shape
     flat = [t.detach().contiguous().reshape(-1).numpy() for t in taus]
     merged = np.empty(flat[0].size, dtype=np.float32)
     masks = [np.empty(flat[0].size, dtype=np.bool_) for _ in flat]
-    _ties_mmer(tuple(flat), np.array([t.bits for t in thresholds], dtype=np.int64),
+    _ties_mmer(jit.array_list(flat), np.array([t.bits for t in thresholds], dtype=np.int64),
                np.array([t.ties for t in thresholds], dtype=np.int64),
-               np.array([alpha], dtype=np.float32), np.array(lams, dtype=np.float32), merged, tuple(masks))
+               np.array([t.seed is not None for t in thresholds], dtype=np.bool_),
+               np.array([tie_offset(t.seed or 0) for t in thresholds], dtype=np.uint64),
+               np.array([t.cut for t in thresholds], dtype=np.uint64),
+               np.array([alpha], dtype=np.float32), np.array(lams, dtype=np.float32), merged,
+               jit.array_list(masks))
     return (torch.from_numpy(merged).reshape(shape), [torch.from_numpy(m).reshape(shape) for m in masks])

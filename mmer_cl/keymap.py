@@ -2,8 +2,9 @@
 
 A key of the checkpoint is an LLM tensor when, after stripping an LLM prefix
 (``language_model.``, ``model.language_model.``, ``llm.``, ... or an explicit
-one) and a leading ``model.``, it names a base tensor, itself stripped of a
-leading ``model.``, with the same shape. Everything else (encoder, projector,
+one) and a leading ``model.``, it names a base tensor, itself stripped the same
+way (a base laid out under the prefix, such as Whisper's decoder under
+``model.decoder.``, loses it too), with the same shape. Everything else (encoder, projector,
 extra vocabulary rows) is the modality side, kept verbatim.
 
 An embedding or ``lm_head`` that the fine-tune grew for new tokens (more rows,
@@ -129,6 +130,22 @@ def _prefix_stage(keys: Iterable[str], prefixes: Sequence[str]) -> tuple[dict[st
     return cores, rest
 
 
+def _base_cores(base_shapes: Mapping[str, Shape], prefixes: Sequence[str]) -> dict[str, str]:
+    """{core: key} of the base, stripped the same way as the checkpoint's keys: an LLM prefix (when the base
+    itself is laid out under one, e.g. Whisper's ``model.decoder.``), then a leading ``model.``."""
+    cores: dict[str, str] = {}
+    for key in base_shapes:
+        stripped = _strip_prefix(key, prefixes)
+        core = _core(key if stripped is None else stripped)
+        if core in cores:
+            raise KeyMappingError(
+                f"base tensors {cores[core]} and {key} both reduce to {core} once the LLM prefix is stripped, so "
+                "a checkpoint tensor could stand for either. Pass the prefix the LLM lives under (llm_prefix / "
+                "--llm-prefix; a longer one if you gave one), or init the store from a base that holds the LLM alone.")
+        cores[core] = key
+    return cores
+
+
 def map_keys(
     base_shapes: Mapping[str, Shape],
     ckpt_shapes: Mapping[str, Shape],
@@ -144,8 +161,8 @@ def map_keys(
     buffers stay verbatim. Raises :class:`KeyMappingError` with advice when the shapes
     disagree, no LLM tensor is found, or base tensors are missing.
     """
-    base_by_core = {_core(k): k for k in base_shapes}
     prefixes = (llm_prefix,) if llm_prefix else KNOWN_LLM_PREFIXES
+    base_by_core = _base_cores(base_shapes, prefixes)
     order = list(ckpt_shapes)
     prefixed, unprefixed = _prefix_stage(order, prefixes)
     # Keys outside any LLM prefix still match a base tensor not matched yet

@@ -41,18 +41,51 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, round(density * numel)))
 
 
+TIE_RULES = ("hash", "earliest")  # how trimming chooses among magnitudes tied at its threshold
+
+
 @dataclass(frozen=True)
 class TrimThreshold:
-    """What trimming one tensor keeps, in two numbers: every entry whose ``|tau|`` is above ``bits``
-    (the magnitude's IEEE bit pattern, which orders like the magnitude) and the first ``ties``
-    entries, by position, that equal it. ``bits == -1`` keeps everything.
+    """What trimming one tensor keeps: every entry whose ``|tau|`` is above ``bits`` (the magnitude's
+    IEEE bit pattern, which orders like the magnitude) and ``ties`` of the entries that equal it.
+    ``bits == -1`` keeps everything.
 
-    It is exact and tiny, so the store keeps it per entry and tensor: a later expansion trims an
-    earlier entry again with one comparison instead of a selection.
+    Which ties are kept is the tie rule: with ``seed`` None, the first ``ties`` by position (the rule
+    ``earliest``, of every version before the rule was recorded); otherwise the ``ties`` tied positions
+    ``p`` with the smallest :func:`tie_hash` ``(p, seed)``, which are those whose hash is at most ``cut``
+    (the rule ``hash``; :func:`hashed_ties` finds ``cut``). ``bits`` and ``ties`` do not depend on the
+    rule: the store keeps just them per entry and tensor, so a later expansion trims an earlier entry
+    again with one comparison (and, for ``hash``, one pass over the ties) instead of a selection.
     """
 
     bits: int
     ties: int
+    seed: int | None = None
+    cut: int = 0
+
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def tie_offset(seed: int) -> int:
+    """The 64-bit offset a tensor's seed adds to every position before :func:`tie_hash` mixes it."""
+    return (int(seed) * _GOLDEN) & _MASK64
+
+
+def tie_hash(positions: np.ndarray, seed: int) -> np.ndarray:
+    """The tie rule ``hash``'s order: splitmix64's finaliser of ``position + tie_offset(seed)`` (uint64).
+
+    A bijection of 64-bit integers, so distinct positions never tie again; the compiled kernels inline
+    the same five steps.
+    """
+    x = positions.astype(np.uint64) + np.uint64(tie_offset(seed))
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
 
 
 _SORTABLE = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -127,8 +160,78 @@ def trim_threshold(tau: torch.Tensor, density: float) -> TrimThreshold:
     return TrimThreshold(t, k - int(torch.count_nonzero(keys > t)))
 
 
-def trim_part(part: torch.Tensor, threshold: TrimThreshold, ties_left: int) -> tuple[torch.Tensor, int]:
-    """Trim one contiguous piece of a flat task vector; ``ties_left`` ties at the threshold are still to keep.
+@kernel
+def _tie_cut_float32(words: np.ndarray, bits: int, ties: int, offset: np.ndarray, out: np.ndarray) -> None:
+    """``out[0]``: the ``ties``-th smallest tie hash among the positions whose ``words & 0x7FFFFFFF`` is ``bits``.
+
+    Two passes: a histogram of the hashes' top 16 bits finds the bin holding it, then that bin's
+    hashes are gathered and sorted. The hash is :func:`tie_hash`, inlined.
+    """
+    off = offset[0]
+    c = np.int32(bits)
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(words.size):
+        if (words[i] & 0x7FFFFFFF) == c:
+            x = np.uint64(i) + off
+            x ^= x >> np.uint64(30)
+            x *= np.uint64(0xBF58476D1CE4E5B9)
+            x ^= x >> np.uint64(27)
+            x *= np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+            high[x >> np.uint64(48)] += 1
+    below = 0
+    top = 0
+    while below + high[top] < ties:
+        below += high[top]
+        top += 1
+    found = np.empty(high[top], dtype=np.uint64)
+    m = 0
+    want = np.uint64(top)
+    for i in range(words.size):
+        if (words[i] & 0x7FFFFFFF) == c:
+            x = np.uint64(i) + off
+            x ^= x >> np.uint64(30)
+            x *= np.uint64(0xBF58476D1CE4E5B9)
+            x ^= x >> np.uint64(27)
+            x *= np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+            if x >> np.uint64(48) == want:
+                found[m] = x
+                m += 1
+    found.sort()
+    out[0] = found[ties - below - 1]
+
+
+def hashed_ties(tau: torch.Tensor, threshold: TrimThreshold, seed: int) -> TrimThreshold:
+    """``threshold`` under the tie rule ``hash`` with this tensor's ``seed``: the same count of ties kept,
+    chosen as the ``ties`` tied positions with the smallest :func:`tie_hash` (``cut`` is the largest kept)."""
+    if threshold.bits <= 0 or threshold.ties <= 0:  # nothing tied is kept, or the ties are zeros
+        return TrimThreshold(threshold.bits, threshold.ties, seed, 0)
+    work = as_working(tau)
+    if jit.enabled() and work.dtype == torch.float32 and tau.device.type == "cpu":
+        out = np.zeros(1, dtype=np.uint64)
+        words = work.detach().contiguous().reshape(-1).numpy().view(np.int32)
+        _tie_cut_float32(words, threshold.bits, threshold.ties, np.array([tie_offset(seed)], dtype=np.uint64), out)
+        return TrimThreshold(threshold.bits, threshold.ties, seed, int(out[0]))
+    tied = (sortable_magnitudes(work) == threshold.bits).nonzero().reshape(-1).cpu().numpy()
+    hashes = tie_hash(tied, seed)
+    return TrimThreshold(threshold.bits, threshold.ties, seed,
+                         int(np.partition(hashes, threshold.ties - 1)[threshold.ties - 1]))
+
+
+def with_tie_rule(tau: torch.Tensor, threshold: TrimThreshold, tie_rule: str, seed: int) -> TrimThreshold:
+    """``threshold`` (rule-free ``bits`` and ``ties``) made ready to trim ``tau`` under ``tie_rule``."""
+    if tie_rule == "earliest":
+        return TrimThreshold(threshold.bits, threshold.ties)
+    if tie_rule == "hash":
+        return hashed_ties(tau, threshold, seed)
+    raise ConfigError(f"unknown tie rule {tie_rule!r}; choose one of {list(TIE_RULES)}")
+
+
+def trim_part(part: torch.Tensor, threshold: TrimThreshold, ties_left: int, start: int = 0
+              ) -> tuple[torch.Tensor, int]:
+    """Trim one contiguous piece, starting at flat position ``start``, of a flat task vector;
+    ``ties_left`` ties at the threshold are still to keep.
 
     Returns the trimmed piece and how many ties it kept, so that a tensor
     trimmed piece by piece, in order, equals :func:`apply_trim` of the whole.
@@ -140,7 +243,12 @@ def trim_part(part: torch.Tensor, threshold: TrimThreshold, ties_left: int) -> t
     keep = keys > threshold.bits
     used = 0
     if ties_left and threshold.bits > 0:  # kept zeros change nothing
-        tied = (keys == threshold.bits).nonzero().reshape(-1)[:ties_left]
+        tied = (keys == threshold.bits).nonzero().reshape(-1)
+        if threshold.seed is None:  # earliest
+            tied = tied[:ties_left]
+        else:  # hash: the tied positions whose hash is at most the cut
+            hashes = tie_hash(tied.cpu().numpy() + start, threshold.seed)
+            tied = tied[torch.from_numpy(hashes <= np.uint64(threshold.cut)).to(tied.device)]
         keep[tied] = True
         used = tied.numel()
     return part.reshape(-1).mul(keep).reshape(part.shape), used
@@ -151,13 +259,13 @@ def apply_trim(tau: torch.Tensor, threshold: TrimThreshold) -> torch.Tensor:
     return trim_part(tau, threshold, threshold.ties)[0]
 
 
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+def trim(tau: torch.Tensor, density: float, tie_rule: str = "hash", seed: int = 0) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest ``|tau|``; zero the rest.
 
     Exactly ``keep_count(numel, density)`` entries are kept; ties at the
-    threshold are broken by position (the earliest are kept).
+    threshold are chosen by ``tie_rule`` (see :class:`TrimThreshold`).
     """
-    return apply_trim(tau, trim_threshold(tau, density))
+    return apply_trim(tau, with_tie_rule(tau, trim_threshold(tau, density), tie_rule, seed))
 
 
 def elect_sign(hats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -174,9 +282,11 @@ def disjoint_mean(hats: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch.Te
     return total / count
 
 
-def ties(taus: Sequence[torch.Tensor], density: float = 0.2, alpha: float = 1.0) -> torch.Tensor:
-    """TIES merge: trim to ``density``, elect signs, disjoint mean, scale by ``alpha``."""
-    hats = [trim(t, density) for t in _check(taus)]
+def ties(taus: Sequence[torch.Tensor], density: float = 0.2, alpha: float = 1.0, tie_rule: str = "hash",
+         seed: int = 0) -> torch.Tensor:
+    """TIES merge: trim to ``density`` (ties at the threshold chosen by ``tie_rule`` with ``seed``),
+    elect signs, disjoint mean, scale by ``alpha``."""
+    hats = [trim(t, density, tie_rule, seed) for t in _check(taus)]
     return alpha * disjoint_mean(hats, elect_sign(hats))
 
 
@@ -225,10 +335,10 @@ MERGE_METHODS: dict[str, MergeFn] = {
 
 
 def merge(method: str, taus: Sequence[torch.Tensor], *, density: float = 0.2, alpha: float = 1.0,
-          seed: int = 0) -> torch.Tensor:
+          seed: int = 0, tie_rule: str = "hash") -> torch.Tensor:
     """Dispatch to a merge by name, passing only the parameters that merge uses."""
     if method == "ties":
-        return ties(taus, density=density, alpha=alpha)
+        return ties(taus, density=density, alpha=alpha, tie_rule=tie_rule, seed=seed)
     if method == "dare_ties":
         return dare_ties(taus, density=density, alpha=alpha, seed=seed)
     if method in MERGE_METHODS:

@@ -8,7 +8,26 @@ from dataclasses import asdict, dataclass, field
 
 from mmer_cl.errors import ConfigError
 from mmer_cl.masks import MASK_RULES
-from mmer_cl.merging import MERGE_METHODS
+from mmer_cl.merging import MERGE_METHODS, TIE_RULES
+
+
+MAX_SEED = 2**63 - 1
+
+
+def finite_number(value, label: str) -> float:
+    """``value`` if it is a finite int or float (not a bool: YAML's ``true`` is no number), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{label} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{label} must be a finite number, got {value!r}")
+    return value
+
+
+def integer(value, label: str) -> int:
+    """``value`` if it is an int (not a bool, not a float), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label} must be an integer, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -23,6 +42,9 @@ class MergeParams:
     k: how many models must agree, for ``consensus``.
     seed: seed of ``dare_ties``'s random drop.
     lam_per_entry: lambda for named entries, overriding ``lam`` for them (mask rules ``mmer`` and ``consensus``).
+    tie_rule: which magnitudes tied at a trim threshold are kept (``ties``): ``hash`` (default) by a
+        seeded hash of the position, ``earliest`` the first by position (every version recorded before
+        the rule was; :meth:`from_dict` gives it to them). See :class:`mmer_cl.merging.TrimThreshold`.
     """
 
     method: str = "ties"
@@ -33,35 +55,38 @@ class MergeParams:
     k: int = 2
     seed: int = 0
     lam_per_entry: dict = field(default_factory=dict)
+    tie_rule: str = "hash"
 
     def __post_init__(self) -> None:
+        """Every parameter checked here, whatever its source (CLI, recipe, Python API, a stored version)."""
         if self.method not in MERGE_METHODS:
             raise ConfigError(f"unknown merge method {self.method!r}; choose one of {sorted(MERGE_METHODS)}")
         if self.mask_rule not in MASK_RULES:
             raise ConfigError(f"unknown mask rule {self.mask_rule!r}; choose one of {list(MASK_RULES)}")
-        for field_name in ("density", "alpha", "lam"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                label = "lambda" if field_name == "lam" else field_name
-                raise ConfigError(f"{label} must be a finite number, got {value!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or isinstance(self.seed, bool) \
-                or not isinstance(self.seed, int):
-            raise ConfigError(f"k and seed must be integers, got k={self.k!r}, seed={self.seed!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
-        if not self.alpha > 0:
+        if self.tie_rule not in TIE_RULES:
+            raise ConfigError(f"unknown tie rule {self.tie_rule!r}; choose one of {list(TIE_RULES)}")
+        density = finite_number(self.density, "density")
+        if not 0.0 < density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1] (the fraction of each task vector kept), got {density}")
+        if not finite_number(self.alpha, "alpha") > 0:
             raise ConfigError(f"alpha must be > 0 (it scales the merged vector), got {self.alpha}")
-        if self.lam < 0:
+        if finite_number(self.lam, "lambda") < 0:
             raise ConfigError(f"lambda must be >= 0, got {self.lam}")
-        if self.k < 1:
+        if integer(self.k, "k") < 1:
             raise ConfigError(f"consensus k must be >= 1, got {self.k}")
+        if not 0 <= integer(self.seed, "seed") <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed}")
+        if not isinstance(self.lam_per_entry, dict):
+            raise ConfigError(f"lambda_per_entry must map entry names to numbers, got {self.lam_per_entry!r}")
         for name, lam in self.lam_per_entry.items():
-            if not isinstance(lam, (int, float)) or lam < 0:
-                raise ConfigError(f"lambda of entry {name!r} must be a number >= 0, got {lam!r}")
+            if not isinstance(name, str):
+                raise ConfigError(f"lambda_per_entry names entries by name, got the key {name!r}")
+            if finite_number(lam, f"lambda of entry {name!r} (lambda_per_entry)") < 0:
+                raise ConfigError(f"lambda of entry {name!r} (lambda_per_entry) must be a number >= 0, got {lam!r}")
 
     def __hash__(self) -> int:
         return hash((self.method, self.density, self.alpha, self.mask_rule, self.lam, self.k, self.seed,
-                     tuple(sorted(self.lam_per_entry.items()))))
+                     tuple(sorted(self.lam_per_entry.items())), self.tie_rule))
 
     def lam_for(self, entry: str) -> float:
         """The mask lambda of one entry: its own from ``lam_per_entry``, else ``lam``."""
@@ -74,7 +99,7 @@ class MergeParams:
 
     def merge_key(self) -> tuple:
         """Parameters the merged vector depends on; accumulators are reusable while they match."""
-        return (self.method, self.density, self.seed)
+        return (self.method, self.density, self.seed, self.tie_rule)
 
     def tensor_seed(self, tensor_name: str) -> int:
         """A per-tensor seed, stable across runs and tensor order."""
@@ -85,4 +110,6 @@ class MergeParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MergeParams":
+        """The parameters a version recorded; one recorded before the tie rule was kept ``earliest``."""
+        d = {"tie_rule": "earliest", **d}
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -19,6 +19,7 @@ Baselines, for the same entries:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -279,8 +280,77 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(r: dict, path: str | Path) -> Path:
-    """Size against reconstruction error: MMER and LoRA ranks, with the full copies as a reference line."""
+def load_retention(path: str | Path) -> dict:
+    """Measured task retention (a method's task score over the fine-tuned model's, mean over entries) from
+    ``path``: either ``{"retention": {"mmer": 0.97, "full": 1.0, "lora": {"16": 0.95}, "merges": {"ties": 0.85}}}``
+    (every key but ``mmer`` optional) or the demo's ``examples/results/results.json`` (its per-task accuracies
+    of the fine-tuned models, MMER and the plain merges, averaged over its seeds)."""
+    from mmer_cl.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the evaluation {path}: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("retention"), dict):
+        ret = data["retention"]
+    elif isinstance(data, dict) and isinstance(data.get("results"), list) and data["results"] \
+            and all("original" in run and "test" in run for run in data["results"]):
+        per_method: dict[str, list[float]] = {}
+        for run in data["results"]:
+            original = {task: scores["test"] for task, scores in run["original"].items()}
+            for method, scores in run["test"].items():
+                if isinstance(scores, dict) and set(scores) == set(original):
+                    per_method.setdefault(method, []).append(
+                        sum(scores[t] / original[t] for t in original if original[t]) / len(original))
+        mean = {m: sum(v) / len(v) for m, v in per_method.items()}
+        ret = {"mmer": mean.get("mmer"), "full": 1.0, "merges": {m: v for m, v in mean.items() if m != "mmer"}}
+    else:
+        example = '{"retention": {"mmer": 0.97, "full": 1.0, "lora": {"16": 0.95}}}'
+        raise ConfigError(f"{path}: give {example} (a method's task score over the fine-tuned model's, mean over "
+                          "the entries), or the demo's examples/results/results.json")
+    if not isinstance(ret.get("mmer"), (int, float)):
+        raise ConfigError(f"{path}: the retention of mmer is missing (\"mmer\": 0.97)")
+    return {"mmer": float(ret["mmer"]), "full": float(ret.get("full", 1.0)),
+            "lora": {str(k): float(v) for k, v in (ret.get("lora") or {}).items()},
+            "merges": {str(k): float(v) for k, v in (ret.get("merges") or {}).items()}}
+
+
+def plot_points(r: dict, retention: dict | None) -> tuple[list, str, str, tuple]:
+    """What :func:`plot_report` draws: points ``(label, bytes, y, colour, marker)``, the y label, the title
+    and the better corner ``(text, xy, ha, va)``."""
+    points = []
+    if retention is not None:
+        points.append(("full copies", r["full_copies_total_bytes"], retention["full"], "grey", "s"))
+        for rank, value in retention["lora"].items():
+            if rank in r["lora"]:
+                points.append((f"LoRA r={rank}", r["lora"][rank]["total_bytes"], value, "C1", "o"))
+        one_llm = r["base_bytes"] + r["deployment"]["modality_sides"]
+        for method, value in retention["merges"].items():
+            points.append((f"{method} merge", one_llm, value, "C2", "^"))
+        points.append(("MMER", r["mmer_total_bytes"], retention["mmer"], "C0", "*"))
+        ylabel = "task retention\n(score / fine-tuned score, mean over entries)"
+        title = f"Storage vs measured task retention, version {r['version']}"
+        better = ("better: smaller, higher", (0.03, 0.95), "left", "top")
+    else:
+        def mean(values):
+            return sum(values) / len(values)
+
+        points.append(("full copies (exact)", r["full_copies_total_bytes"], 0.0, "grey", "s"))
+        for rank in r["lora"]:
+            err = mean([e["fidelity"]["svd_lora_relative_error"][rank] for e in r["entries"]])
+            points.append((f"LoRA r={rank} (SVD)", r["lora"][rank]["total_bytes"], err, "C1", "o"))
+        err = mean([e["fidelity"]["mmer_relative_error"] for e in r["entries"]])
+        points.append(("MMER", r["mmer_total_bytes"], err, "C0", "*"))
+        ylabel = "relative error of the LLM task vectors\n(mean over entries)"
+        title = f"Storage vs reconstruction error, version {r['version']}"
+        better = ("better: smaller, lower", (0.03, 0.05), "left", "bottom")
+    return points, ylabel, title, better
+
+
+def plot_report(r: dict, path: str | Path, retention: dict | None = None, source: str = "") -> Path:
+    """Bytes to serve every entry against task retention (measured, from ``retention``) or, without it, the
+    reconstruction error of the task vectors: full copies, LoRA ranks and MMER as points, the better corner
+    marked, and a title that says which of the two the plot shows."""
     try:
         import matplotlib
 
@@ -288,23 +358,36 @@ def plot_report(r: dict, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError("the plot needs matplotlib: pip install matplotlib") from exc
-    if not r["entries"] or "fidelity" not in r["entries"][0]:
-        raise ValueError("the plot needs the fidelity comparison; run the report without --no-svd")
+    if retention is None and (not r["entries"] or "fidelity" not in r["entries"][0]):
+        raise ValueError("the plot needs the error comparison (run the report without --no-svd) or a measured "
+                         "retention (--eval FILE)")
     mib = 1024**2
-    fig, ax = plt.subplots(figsize=(6, 4))
-    err = [e["fidelity"]["mmer_relative_error"] for e in r["entries"]]
-    ax.scatter([r["mmer_total_bytes"] / mib], [sum(err) / len(err)], color="C0", zorder=3, label="MMER (mean over entries)")
-    ranks = list(r["lora"])
-    lora_err = [sum(e["fidelity"]["svd_lora_relative_error"][k] for e in r["entries"]) / len(r["entries"]) for k in ranks]
-    ax.plot([r["lora"][k]["total_bytes"] / mib for k in ranks], lora_err, "o-", color="C1", label="LoRA (SVD of tau)")
-    for k, x, y in zip(ranks, [r["lora"][k]["total_bytes"] / mib for k in ranks], lora_err):
-        ax.annotate(f"r={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axvline(r["full_copies_total_bytes"] / mib, color="grey", linestyle="--", label="full copies (error 0)")
-    ax.set_xlabel("bytes to serve every entry (MiB, base included)")
-    ax.set_ylabel("relative error of the task vector")
-    ax.set_title(f"storage against fidelity, version {r['version']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    n = len(r["entries"])
+    points, ylabel, title, better = plot_points(r, retention)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.set_ylabel(ylabel, fontsize=9)
+    placed: dict[tuple, int] = {}
+    for label, size, y, colour, marker in points:
+        ax.scatter([size / mib], [y], color=colour, marker=marker, s=90 if marker == "*" else 45, zorder=3)
+        spot = (round(size / mib, 3), round(y, 3))  # labels of points at one spot go one under the other
+        placed[spot] = placed.get(spot, -1) + 1
+        ax.annotate(label.replace("_", " "), (size / mib, y), textcoords="offset points",
+                    xytext=(6, 4 - 10 * placed[spot]), fontsize=8)
+    ax.set_xlabel(f"bytes to serve all {n} entries (MiB; base, encoders and projectors included)", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    text, xy, ha, va = better
+    ax.annotate(text, xy=xy, xycoords="axes fraction", ha=ha, va=va, fontsize=8, color="green",
+                bbox={"boxstyle": "round", "fc": "white", "ec": "green"})
+    notes = []
+    if retention is None:
+        notes += ["Reconstruction error is not task quality (MMER's masks keep what each task needs);",
+                  "pass --eval with measured task scores for retention."]
+    else:
+        notes += [f"Retention measured in {Path(source).name if source else 'the evaluation given'}; full copies "
+                  "define 1.0.", "LoRA ranks: shown only where their retention was measured."]
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="dimgrey", ha="left", va="bottom")
+    ax.margins(x=0.3, y=0.15)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

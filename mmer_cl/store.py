@@ -32,22 +32,23 @@ import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.confinement import read_confined
 from mmer_cl.device import default_device
-from mmer_cl import identity
+from mmer_cl import identity, manifests
 from mmer_cl.dtypes import refuse_unmergeable
 from mmer_cl.errors import ConfigError, KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion_plan import (commit_expansion, llm_shapes, plan_expansion, run_plan,
                                     task_vector_sources)
 from mmer_cl.faults import fault_point
-from mmer_cl.export_guard import Protected, check_target, marker_bytes, remove_leftovers
+from mmer_cl.export_guard import GRACE_SECONDS, Protected, check_target, marker_bytes, remove_leftovers
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
                             write_model)
 from mmer_cl.fingerprint import checkpoint_fingerprint, tensor_digest
 from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.keymap import KeyMap
-from mmer_cl.locks import writer_lock
+from mmer_cl.locks import export_lock, no_export_running, writer_lock, writer_lock_now
 from mmer_cl.lora import open_checkpoint
-from mmer_cl.names import validate_name
+from mmer_cl.names import MAX_DESCRIPTION, MAX_TAG_VALUE, validate_actor, validate_name, validate_text
 from mmer_cl.params import MergeParams
 from mmer_cl.prefetch import prefetched
 from mmer_cl.pipeline import map_checkpoint
@@ -62,6 +63,7 @@ from registry import (CURRENT, ENTRY, VERSION, BaseRecord, BaseTensor, BlobRef, 
                       Registry, RegistryError, Trim, VersionRecord, sqlite_url, version_number)
 from registry.postgres import normalise_url
 from registry.registry import shown_url
+from registry.urls import check_url, scrub
 from storage import BlobError, BlobStore, TensorReader, encode, jit
 
 DB_NAME = "registry.db"
@@ -69,6 +71,20 @@ LOCK_NAME = ".lock"
 MAX_RELATIVE_CHANGE = 0.5
 GroupRunner = Callable[..., list]  # (blobs, plan, *, progress) -> one GroupResult per plan group, in order
 ENV_ACTOR = "MMER_ACTOR"
+
+
+def _summary(ckpt, keymap: KeyMap, base_rec: BaseRecord) -> str:
+    """What a registration merged: for a LoRA adapter over the base itself, only the LLM tensors it changes
+    are counted (every other task vector is zero)."""
+    text = keymap.describe()
+    if not hasattr(ckpt, "modules") or Path(getattr(ckpt, "underlying_path", "")).resolve() != \
+            Path(base_rec.source_path).resolve():
+        return text
+    changed = set(ckpt.modules) | set(getattr(ckpt, "full", {})) | set(getattr(ckpt, "token_rows", {}))
+    count = sum(1 for key in keymap.llm if key in changed)
+    first, *rest = text.splitlines()
+    return "\n".join([f"{count} LLM tensors merged (changed by the adapter; the other {len(keymap.llm) - count} "
+                      f"equal the base), {len(keymap.modality)} modality tensors kept verbatim", *rest])
 
 
 class StoreError(MmerError):
@@ -84,20 +100,48 @@ def validate_alias(name: str) -> str:
 
 
 def validate_tags(tags: dict | None) -> dict:
-    """Tag keys are names; values are short strings."""
+    """Tag keys are names; values are short printable strings (no newline or escape sequence)."""
+    if tags is not None and not isinstance(tags, dict):
+        raise ConfigError(f"tags must be a mapping of names to values, got {type(tags).__name__}")
     out = {}
     for key, value in (tags or {}).items():
-        validate_name(str(key), "tag key")
-        if len(str(value)) > 1000:
-            raise StoreError(f"tag {key!r} is longer than 1000 characters; put long text in a description")
-        out[str(key)] = str(value)
+        if not isinstance(key, str):
+            raise ConfigError(f"tag keys must be text, got {key!r}")
+        validate_name(key, "tag key")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"tag {key!r} must be text or a finite number, got {value!r}")
+        if len(str(value)) > MAX_TAG_VALUE:
+            raise StoreError(f"tag {key!r} is longer than {MAX_TAG_VALUE} characters; put long text in a "
+                             "description")
+        out[key] = validate_text(str(value), f"the value of tag {key!r}", MAX_TAG_VALUE)
     return out
 
 
+def validate_description(text: str) -> str:
+    """A description: printable text (no newline or escape sequence), at most MAX_DESCRIPTION characters."""
+    return validate_text(text, "the description", MAX_DESCRIPTION)
+
+
+def _skipped_files(ckpt) -> tuple[str, ...]:
+    """The non-weight files of ``ckpt`` (and of a LoRA adapter's underlying model) left out by the allow-list."""
+    names = list(getattr(ckpt, "skipped", []))
+    underlying = getattr(ckpt, "underlying", None)
+    names += [f"{n} (underlying model)" for n in getattr(underlying, "skipped", [])]
+    return tuple(names)
+
+
 def default_actor() -> str:
+    """``MMER_ACTOR`` (checked: printable, at most 128 characters), else the login name, else "unknown"."""
+    chosen = os.environ.get(ENV_ACTOR)
+    if chosen:
+        return validate_actor(chosen)
     try:
-        return os.environ.get(ENV_ACTOR) or getpass.getuser()
+        user = getpass.getuser()
     except (KeyError, OSError):
+        return "unknown"
+    try:
+        return validate_actor(user)
+    except ConfigError:
         return "unknown"
 
 
@@ -106,6 +150,7 @@ class RegisterResult:
     entry: EntryRecord
     created: bool
     keymap_summary: str
+    skipped_files: tuple[str, ...] = ()  # files of the checkpoint not copied (off the allow-list)
 
 
 @dataclass(frozen=True)
@@ -130,10 +175,13 @@ class AuditReport:
     base_problems: list[str]
     unreferenced: int
     database_problems: list[str] = dataclasses.field(default_factory=list)
+    manifest_problems: list[str] = dataclasses.field(default_factory=list)  # rows that differ from manifests
+    undescribed: int = 0  # rows of an earlier release's store whose manifests are not written yet
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.dangling or self.base_problems or self.database_problems)
+        return not (self.damaged or self.dangling or self.base_problems or self.database_problems
+                    or self.manifest_problems)
 
 
 class VerifiedBase:
@@ -179,13 +227,23 @@ class Store:
         where no store data exists.
         """
         self.root = Path(root)
+        url = normalise_url(url or sqlite_url(self.root / DB_NAME))  # remembers its password: never shown
+        problem = check_url(url)
+        if problem:
+            raise StoreError(problem + "; write it like sqlite:////path/registry.db or "
+                             "postgresql://user@host:5432/dbname (--db-url / MMER_DB_URL)")
         try:
             self.blobs = BlobStore.open(objects, create=create) if objects else BlobStore(self.root, create=create)
         except BlobError as exc:
             raise StoreError(str(exc)) from None
-        url = normalise_url(url or sqlite_url(self.root / DB_NAME))
-        found = identity.check_before_open(self.blobs, url, str(identity.sqlite_path(url) or shown_url(url)),
-                                           create)
+        try:
+            found = identity.check_before_open(self.blobs, url, str(identity.sqlite_path(url) or shown_url(url)),
+                                               create)
+        except MmerError as exc:  # its message may quote the URL or a driver's error: never its password
+            scrubbed = scrub(str(exc), (url,))
+            if scrubbed == str(exc):
+                raise
+            raise type(exc)(scrubbed) from None
         try:
             self.registry = Registry(url)
         except SQLAlchemyError as exc:
@@ -196,6 +254,9 @@ class Store:
         except BaseException:
             self.registry.close()
             raise
+        self.registry.describer = manifests.ManifestWriter(self.blobs)  # every new row gets its manifest
+        manifests.ensure(self.registry, self.blobs, lambda: writer_lock_now(  # an earlier release's rows get theirs
+            self.registry.engine, self._lock_file(), self.store_id))
         self.reader = TensorReader(self.blobs)
         self.device = device or default_device()
 
@@ -229,6 +290,7 @@ class Store:
         root = Path(root)
         chosen = base_name
         base_name = validate_name(base_name or Path(base).resolve().name, "base name")
+        actor = validate_actor(actor) if actor else None  # refused before the base is read, not after
         ckpt = Checkpoint(base)
         refuse_unmergeable({n: i.dtype for n, i in ckpt.infos.items() if i.is_float}, f"base {base}")
         if root.exists() and not root.is_dir():
@@ -272,8 +334,20 @@ class Store:
 
     def _lock(self) -> ContextManager[None]:
         """One writer at a time per store (readers are never blocked), across hosts where the registry is
-        shared: a PostgreSQL advisory lock there, a file lock beside a SQLite registry."""
-        return writer_lock(self.registry.engine, self._lock_file(), self.registry.meta_value("store_id"))
+        shared: a PostgreSQL advisory lock there, a file lock beside a SQLite registry. Once the store is
+        open, whoever holds it first writes the manifests an earlier release's rows lack."""
+        lock = writer_lock(self.registry.engine, self._lock_file(), self.registry.meta_value("store_id"))
+        if self.registry.describer is None:  # still opening: identity not settled yet
+            return lock
+        return manifests.described_under(lock, self.registry, self.blobs)
+
+    def _export_lock(self) -> ContextManager[None]:
+        """Held shared by every export while it writes, so that gc leaves its partial directory alone."""
+        return export_lock(self.registry.engine, self._export_lock_file(), self.store_id)
+
+    def _export_lock_file(self) -> Path:
+        lock = self._lock_file()
+        return lock.with_name(lock.name + "-export")
 
     def _lock_file(self) -> Path:
         """Beside the SQLite database: ``root/.lock`` for the default ``root/registry.db``, else ``DB.lock``,
@@ -317,7 +391,7 @@ class Store:
         return VerifiedBase(base, self.registry.base_tensors(base.id))
 
     # ---- register ------------------------------------------------------------------------
-    def register(self, path: str | Path, name: str, modality: str, task: str = "default", *,
+    def register(self, path: str | Path, name: str, modality: str | None = None, task: str | None = None, *,
                  llm_prefix: str | None = None, base: str | None = None, actor: str | None = None,
                  max_relative_change: float = MAX_RELATIVE_CHANGE,
                  progress: Progress | None = None, update: bool = False, description: str = "",
@@ -328,21 +402,27 @@ class Store:
         ``reference=True`` keeps the checkpoint's path and per-tensor sha256
         instead of a copy of its task vector (see :mod:`mmer_cl.references`).
         ``update=True`` registers it as a new revision of entry ``name``: the old
-        revision leaves the next expansion but stays in the versions that hold it.
+        revision leaves the next expansion but stays in the versions that hold it; its modality and task
+        carry over unless given. A name that is taken (without ``update``) is refused before the checkpoint
+        is read, unless the entry came from the same path (then the same weights are recognised); weights
+        already registered under another name are refused, naming that entry (exit 2).
         A checkpoint whose LLM differs from the base by more than
         ``max_relative_change`` (||tau|| / ||theta_0|| over the weight matrices) is refused as probably
         fine-tuned from another base. A failure leaves the store as it was.
         """
         validate_name(name, "entry name")
-        validate_name(modality, "modality")
-        validate_name(task, "task")
+        for value, what in ((modality, "modality"), (task, "task")):
+            if value is not None:
+                validate_name(value, what)
         tags = validate_tags(tags)
+        validate_description(description)
         if not (isinstance(max_relative_change, (int, float)) and math.isfinite(max_relative_change)
                 and max_relative_change > 0):
             raise ConfigError(f"max_relative_change (--max-change) must be a finite number > 0, "
                               f"got {max_relative_change!r}")
-        actor = actor or default_actor()
+        actor = validate_actor(actor) if actor else default_actor()
         base_rec = self.registry.base(base)
+        modality, task = self._register_names(base_rec, path, name, modality, task, update)
         vbase = self._verified_base(base_rec)
         ckpt = open_checkpoint(path, fallback_base=base_rec.source_path)  # a directory or a peft LoRA adapter
         keymap = map_checkpoint(vbase.llm_shapes(), ckpt, llm_prefix)
@@ -357,7 +437,12 @@ class Store:
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
-                return RegisterResult(existing, False, keymap.describe())
+                batch.discard()  # e.g. task vectors of an entry registered by reference before: none are kept
+                if existing.label != name:  # a second name would merge the same weights twice
+                    raise StoreError(f"{path} is already registered as entry {existing.label!r} (revision "
+                                     f"{existing.revision}, {existing.modality}/{existing.task}); use that name, "
+                                     f"e.g. `mmer export --entry {existing.label} ...`, or register other weights")
+                return RegisterResult(existing, False, _summary(ckpt, keymap, base_rec), _skipped_files(ckpt))
             if stats["relative_change"] > max_relative_change:
                 raise KeyMappingError(
                     f"{path} differs from base {base_rec.name!r} by {stats['relative_change']:.2f} "
@@ -367,7 +452,29 @@ class Store:
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
                                             fingerprint, keymap.to_json(), stats, refs, actor, trims, update=update,
                                             description=description, tags=tags)
-        return RegisterResult(entry, True, keymap.describe())
+        return RegisterResult(entry, True, _summary(ckpt, keymap, base_rec), _skipped_files(ckpt))
+
+    def _register_names(self, base_rec: BaseRecord, path: str | Path, name: str, modality: str | None,
+                        task: str | None, update: bool) -> tuple[str, str]:
+        """The modality and task of a registration, checked against the entry ``name`` before any checkpoint
+        is read: a taken name needs ``update`` (unless the entry came from this very path, which may be the
+        same weights again), an update needs the entry and inherits its modality and task."""
+        try:
+            known = self.registry.entry(base_rec.id, name)
+        except RegistryError:
+            known = None
+        if update:
+            if known is None:
+                raise StoreError(f"no entry named {name!r} to update; register it without --update (with "
+                                 "--modality)")
+            return modality or known.modality, task or known.task
+        if known is not None and Path(known.source_path) != Path(path).resolve():  # the registry's own refusal
+            raise RegistryError(f"an entry named {name!r} already exists ({known.modality}/{known.task}, revision "
+                             f"{known.revision}, from {known.source_path}); pass --update to register a new "
+                             "revision of it, or choose another name (names stay taken after removal)")
+        if modality is None:
+            raise ConfigError("give the entry's modality: --modality vision (or audio, video, text, ...)")
+        return modality, task or "default"
 
     def _put(self, put: Callable[[bytes], str], role: str, key: str, t: torch.Tensor) -> BlobRef:
         blob = encode(t)
@@ -426,8 +533,8 @@ class Store:
                 refs.append(self._put(put, "own", key, own))
             if progress:
                 progress(step, len(keymap.order), key)
-        for f in ckpt.aux_files():
-            data = f.read_bytes()
+        for f in ckpt.aux_files():  # allow-listed regular files inside the checkpoint (mmer_cl.confinement)
+            data = read_confined(f.parent, f)
             refs.append(BlobRef("aux", f.name, put(data), len(data), len(data)))
         if reference:
             data = json.dumps(sources, sort_keys=True).encode()
@@ -453,6 +560,7 @@ class Store:
         """
         base_rec = self.registry.base(base)
         tags = validate_tags(tags)
+        validate_description(description)
         with self._lock():
             previous = self.registry.version(base_rec.id)
             params = params or (MergeParams.from_dict(previous.params) if previous else MergeParams())
@@ -478,7 +586,12 @@ class Store:
 
     def remove(self, name: str, *, base: str | None = None, actor: str | None = None,
                progress: Progress | None = None, runner: GroupRunner | None = None) -> VersionRecord | None:
-        """Remove an entry: a new version without it (None when it was the last). History stays."""
+        """Remove an entry: a new version without it (None when it was the last, or before any version).
+
+        The new version holds exactly the current version's members less this one: an entry registered or
+        updated since (pending its ``expand``) would enter it unasked, so then nothing is done and the
+        message says to expand first. History stays.
+        """
         base_rec = self.registry.base(base)
         actor = actor or default_actor()
         with self._lock():
@@ -488,12 +601,40 @@ class Store:
                 raise StoreError(f"entry {name!r} was already removed")
             rest = [e for e in self.registry.entries(base_rec.id) if e.id != entry.id]
             previous = self.registry.version(base_rec.id)
-            if not rest:
+            if not rest or previous is None:
                 self.registry.remove_entry_without_version(base_rec.id, name, actor)
                 return None
+            held = {m.entry_id for m in previous.members}
+            pending = [e for e in rest if e.id not in held]
+            if pending:
+                what = ", ".join(f"{e.label} revision {e.revision}" if e.revision > 1 else f"{e.label} (new)"
+                                 for e in pending)
+                raise StoreError(f"not removing {name!r}: the new version would also take in {what}, which the "
+                                 f"current version {previous.number} does not hold. Run `mmer expand` first (it "
+                                 f"makes a version with them), then `mmer remove {name}`")
+            self._refuse_unreadable_references(name, rest)
             params = MergeParams.from_dict(previous.params) if previous else MergeParams()
             return self._new_version(base_rec, rest, params, previous, actor, progress, remove=name,
                                      runner=runner).version
+
+    @staticmethod
+    def _refuse_unreadable_references(name: str, rest: list[EntryRecord]) -> None:
+        """Before any work: the remaining entries are merged again, so each one registered by reference must
+        still be readable; name those that are not, and the way out (they can always be removed)."""
+        gone: list[tuple[str, str]] = []
+        for e in rest:
+            if e.stats.get("referenced"):
+                try:
+                    Checkpoint(e.source_path)
+                except MmerError as exc:
+                    gone.append((e.label, str(exc)))
+        if gone:
+            named = "; ".join(f"{label!r} ({why})" for label, why in gone)
+            raise StoreError(
+                f"cannot remove {name!r} yet: the new version merges the remaining entries again, and entry "
+                f"{named} was registered by reference and its checkpoint can no longer be read. Put it back at "
+                f"its path, or remove it first (`mmer remove {gone[0][0]}`: that needs no source, and every "
+                f"version so far still exports it), then remove {name!r}. Nothing was changed.")
 
     def _new_version(self, base_rec: BaseRecord, entries: list[EntryRecord], params: MergeParams,
                      previous: VersionRecord | None, actor: str, progress: Progress | None,
@@ -570,6 +711,7 @@ class Store:
     def describe(self, text: str, *, entry: str | None = None, version: int | str | None = None,
                  base: str | None = None, actor: str | None = None) -> None:
         """Set the description of an entry or a version (default: current)."""
+        validate_description(text)
         kind, target_id, label = self._target(entry, version, base)
         with self._lock():
             self.registry.set_description(kind, target_id, label, text, actor or default_actor())
@@ -653,9 +795,10 @@ class Store:
         v = self.version(version, base)
         keymap, tensors, aux, entry = self._sources(name, v.number, base, use_mask)
         meta, card = self._provenance(v.number, base, entry, use_mask, aux)
-        guard = self._guarded(out_dir, overwrite, v, name, actor)
-        return write_model(out_dir, tensors=tensors, aux_files={**aux, **card}, overwrite=overwrite,
-                           progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes), **guard)
+        with self._export_lock():
+            guard = self._guarded(out_dir, overwrite, v, name, actor)
+            return write_model(out_dir, tensors=tensors, aux_files={**aux, **card}, overwrite=overwrite,
+                               progress=progress, metadata=meta, **layout_of(keymap, max_shard_bytes), **guard)
 
     def export_text(self, out_dir: str | Path, *, version: int | str | None = None, base: str | None = None,
                     overwrite: bool = False, max_shard_bytes: int | None = None,
@@ -665,22 +808,23 @@ class Store:
         vbase = self._verified_base(self.registry.base(base))
         merged = self.blob_source(self.registry.version_blobs(v.id, "merged"))
         meta, card = self._provenance(v.number, base, None, False, [p.name for p in vbase.checkpoint.aux_files()])
-        guard = self._guarded(out_dir, overwrite, v, "text", actor)
-        return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes, progress,
-                                metadata=meta, extra_files=card, **guard)
+        with self._export_lock():
+            guard = self._guarded(out_dir, overwrite, v, "text", actor)
+            return write_merged_llm(out_dir, vbase.checkpoint, vbase.get, merged, overwrite, max_shard_bytes,
+                                    progress, metadata=meta, extra_files=card, **guard)
 
     def _provenance(self, version: int | str | None, base: str | None, entry: EntryRecord | None, use_mask: bool,
                     files) -> tuple[dict[str, str], dict[str, bytes]]:
-        """safetensors metadata and the model card (``README.md``, or ``MMER_CARD.md`` beside a shipped one)."""
-        from mmer_cl.provenance import card_name, export_metadata, model_card
+        """safetensors metadata, the model card (``README.md``, or ``MMER_CARD.md`` beside a shipped one) and
+        ``mmer-recipe.yaml``."""
+        from mmer_cl.provenance import export_files, export_metadata
 
         v = self.version(version, base)
         b = self.registry.base(base)
         meta = export_metadata(version=v.number, params=v.params, base_name=b.name, base_fingerprint=b.fingerprint,
                                entry=entry.label if entry else None, revision=entry.revision if entry else None,
                                use_mask=use_mask, store_id=self.store_id)
-        card = model_card(metadata=meta, version=v, base_model=b.name, entry=entry, recipe=v.recipe)
-        return meta, {card_name(files): card.encode()}
+        return meta, export_files(metadata=meta, version=v, base_model=b.name, entry=entry, files=files)
 
     def load(self, name: str, *, version: int | str | None = None, base: str | None = None,
              model_class=None, device: str | torch.device | None = None, use_mask: bool = True):
@@ -762,7 +906,7 @@ class Store:
             if member is None:
                 raise StoreError(f"entry {name!r} is not in version {v.number} (members: "
                                  f"{', '.join(m.entry_name for m in v.members)}); name another version or entry")
-            entry = self.registry.entry(base_rec.id, name)
+            entry = self.registry.entry_by_id(member.entry_id)  # the revision this version holds, not the newest
             aux = {r.key: r for r in self.registry.entry_blobs(entry.id, "aux")}
             if "config.json" not in aux:
                 raise StoreError(f"entry {name!r} has no config.json; a composition needs each entry's config")
@@ -793,6 +937,7 @@ class Store:
         tensor model.layers.0.q_proj.weight``.
         """
         database_problems = identity.database_problems(self.registry)
+        described = manifests.check(self.registry, self.blobs)
         owners = self.registry.blob_owners(detailed=True)
         damaged = []
         for step, digest in enumerate(sorted(owners), start=1):
@@ -811,9 +956,10 @@ class Store:
                 except MmerError as exc:
                     base_problems.append(str(exc))
                 base_problems += self._check_references(b)
-        unreferenced = sum(1 for d in self.blobs.digests() if d not in owners)
+        live = manifests.reachable(self.registry, self.blobs) | set(owners)
+        unreferenced = sum(1 for d in self.blobs.digests() if d not in live)
         return AuditReport(len(owners), damaged, self.registry.dangling_references(), base_problems, unreferenced,
-                           database_problems)
+                           database_problems, described.problems, described.undescribed)
 
     def _check_references(self, base: BaseRecord) -> list[str]:
         """Problems with the checkpoints that entries registered by reference point at."""
@@ -829,15 +975,20 @@ class Store:
         return problems
 
     def gc(self, actor: str | None = None):
-        """Delete blobs no row references and partial exports (left by crashes); logged in the audit trail.
+        """Delete blobs no manifest or row reaches and partial exports (left by crashes); logged in the audit trail.
 
         Refused unless the registry and the blob location carry the same store id (see
-        :mod:`mmer_cl.identity`), so a lost or swapped registry can never make gc delete real data.
+        :mod:`mmer_cl.identity`), so a lost or swapped registry can never make gc delete real data, and
+        refused while the rows differ from their manifests (see :mod:`mmer_cl.manifests`). The partial
+        directory of a running export is left alone (see :mod:`mmer_cl.export_guard`).
         """
         with self._lock():
             identity.verify(self.blobs, self.registry, self.store_id)
-            result = self.blobs.gc(self.registry.blob_owners())
-            partial = sum(remove_leftovers(t) for t in self.export_targets())
+            keep = manifests.live_or_refuse(self.registry, self.blobs, identity.restore_advice(
+                str(identity.sqlite_path(self.registry.url) or self.registry.url)))
+            result = self.blobs.gc(keep)
+            with no_export_running(self.registry.engine, self._export_lock_file(), self.store_id) as idle:
+                partial = sum(remove_leftovers(t, 0.0 if idle else GRACE_SECONDS) for t in self.export_targets())
             result = dataclasses.replace(result, partial_exports=partial)
             self.registry.record(actor or default_actor(), "gc", "objects", "", f"-{result.removed} blobs",
                                  {"removed": result.removed, "freed_bytes": result.freed_bytes,

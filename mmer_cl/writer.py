@@ -65,7 +65,12 @@ class TensorSpec:
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Cut ``specs`` (in order) into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    """Cut ``specs`` (in order) into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
+
+    Hand-written: huggingface_hub's ``split_torch_state_dict_into_shards`` needs the tensors (this plans
+    before any exists) and moves an oversized tensor ahead of the shard it interrupts, an order the
+    streaming writer, which writes tensors as they arrive, cannot follow.
+    """
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:

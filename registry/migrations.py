@@ -58,9 +58,22 @@ def _v3(conn: Connection) -> None:
     releases before it would decode wrongly; the version number is what makes them refuse the store."""
 
 
+MANIFESTS_META_KEY = "manifests"  # "complete" once every entry and version row records its manifest
+
+
+def _v4(conn: Connection) -> None:
+    """Entries and versions record the digest of their manifest blob. The manifests of existing rows are
+    written by the store on its first write-locked open (a migration cannot reach the blob location); until
+    then such rows are trusted as they are, and the meta flag saying that every row has one is cleared."""
+    _add_columns(conn, "entries", {"manifest": "VARCHAR(64)"})
+    _add_columns(conn, "versions", {"manifest": "VARCHAR(64)"})
+    conn.execute(text("DELETE FROM meta WHERE key = :k"), {"k": MANIFESTS_META_KEY})
+
+
 STEPS: list[Step] = [
     Step(2, "entry revisions and descriptions, version descriptions and recipes, tags", _v2),
     Step(3, "blobs may use plane layouts (signs apart, sparse planes) that earlier releases cannot read", _v3),
+    Step(4, "entries and versions record the digest of their manifest blob", _v4),
 ]
 
 

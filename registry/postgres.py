@@ -12,6 +12,8 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from registry import urls
+
 SCHEMA_LOCK_KEY = 0x6D6D6572_73636801  # "mmersch" + 1: serialises schema setup across hosts
 
 APPEND_ONLY_FUNCTION = """
@@ -31,7 +33,11 @@ APPEND_ONLY_TRIGGERS = [
 
 
 def normalise_url(url: str) -> str:
-    """``postgresql://`` / ``postgres://`` -> ``postgresql+psycopg://`` (psycopg 3); other URLs unchanged."""
+    """``postgresql://`` / ``postgres://`` -> ``postgresql+psycopg://`` (psycopg 3); other URLs unchanged.
+
+    Every registry URL passes here first, so its password is remembered for :func:`registry.urls.scrub`.
+    """
+    urls.remember(url)
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]

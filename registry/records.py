@@ -114,3 +114,37 @@ class EventRecord:
     before: str
     after: str
     details: dict
+
+
+@dataclass(frozen=True)
+class EntryFacts:
+    """What an entry's manifest describes: the immutable part of its row and its blob rows."""
+
+    id: int
+    base_id: int
+    label: str  # the name users type (its lineage)
+    revision: int
+    modality: str
+    task: str
+    fingerprint: str
+    keymap: str
+    blobs: tuple[BlobRef, ...]
+    manifest: str | None = None  # what the row records
+    referenced: bool = False  # registered by reference: its task vectors are read from its source
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What a version's manifest describes: its row's immutable part, members and blob rows, and the
+    manifests it reaches (its members' and its predecessor's), as the rows record them."""
+
+    id: int
+    base_id: int
+    number: int
+    params: str  # JSON text
+    recipe: str | None
+    members: tuple[tuple[int, int, float, float], ...]  # (entry id, position, scale, mask density)
+    member_manifests: dict  # entry id -> that entry row's manifest digest (None when it has none)
+    parent: str | None  # the manifest of the version numbered one less, of the same base
+    blobs: tuple[BlobRef, ...]
+    manifest: str | None = None

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from sqlalchemy import create_engine, event, func, select, text
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mmer_cl.errors import MmerError
 from mmer_cl.faults import fault_point
-from registry import postgres
-from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryRecord, EventRecord, Member, Trim,
-                              VersionRecord)
-from registry.migrations import MigrationError, upgrade
+from mmer_cl.names import validate_actor
+from registry import postgres, urls
+from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryFacts, EntryRecord, EventRecord, Member, Trim,
+                              VersionFacts, VersionRecord)
+from registry.migrations import MANIFESTS_META_KEY, MigrationError, upgrade
 from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Base, BaseModelRow, BaseTensorRow,
                              EntryBlobRow, EntryRow, EventRow, Meta, TagRow, TrimRow, VersionBlobRow,
                              VersionMemberRow, VersionRow, utcnow)
@@ -31,10 +33,29 @@ from registry.schema import (APPEND_ONLY_TRIGGERS, SCHEMA_VERSION, AliasRow, Bas
 CURRENT = "current"
 ENTRY, VERSION = "entry", "version"  # what a tag or description is on
 BUSY_TIMEOUT_MS = 30_000
+SCHEMA_ATTEMPTS = 5  # looks at a new registry's schema while another process creates it
 
 
 class RegistryError(MmerError):
     """A registry lookup or change cannot be done; the message says what to do."""
+
+
+class Describer(Protocol):
+    """Writes the manifest blob of a new entry or version and returns its digest (see mmer_cl/manifests.py)."""
+
+    def entry(self, facts: EntryFacts) -> str: ...
+
+    def version(self, facts: VersionFacts) -> str: ...
+
+
+def strict_json(value, **kw) -> str:
+    """JSON for a registry column: never NaN or Infinity (which strict JSON readers, ``--json`` output and
+    PostgreSQL's json type refuse), refused here with a message instead of stored."""
+    try:
+        return json.dumps(value, allow_nan=False, **kw)
+    except ValueError as exc:
+        raise RegistryError(f"refusing to record a value that is not a finite number ({exc}); every number the "
+                            "registry stores must be finite. Check the parameters given (NaN, inf).") from None
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -47,11 +68,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def shown_url(url: str) -> str:
-    """A database URL fit for messages: its password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: show only its scheme
-        return url.split("://", 1)[0] + "://..."
+    """A database URL fit for messages: its password replaced by ``***`` (see :mod:`registry.urls`)."""
+    return urls.shown_url(url)
 
 
 def version_number(ref: int | str | None) -> int | None:
@@ -68,10 +86,19 @@ def sqlite_url(path: str | Path) -> str:
 
 
 class Registry:
-    """All reads and writes of the registry database."""
+    """All reads and writes of the registry database.
+
+    ``describer`` (set by the store) writes the manifest of every entry and version as its rows are written;
+    the row records the manifest's digest, in the same transaction.
+    """
 
     def __init__(self, url: str):
+        self.describer: Describer | None = None
         self.url = postgres.normalise_url(url)
+        problem = urls.check_url(self.url)
+        if problem:
+            raise RegistryError(problem + "; write it like sqlite:////path/registry.db or "
+                                "postgresql://user@host:5432/dbname")
         try:
             self.engine: Engine = create_engine(self.url)
         except ImportError as exc:
@@ -82,15 +109,7 @@ class Registry:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             migrated = upgrade(self.engine)  # an older registry is brought to this schema first
-            with self.engine.begin() as conn:
-                if dialect == "postgresql":
-                    postgres.lock_schema(conn)
-                Base.metadata.create_all(conn)
-                if dialect == "sqlite":
-                    for trigger in APPEND_ONLY_TRIGGERS:
-                        conn.execute(text(trigger))
-                elif dialect == "postgresql":
-                    postgres.install_append_only(conn)
+            self._create_schema(dialect)
         except MigrationError as exc:
             self.engine.dispose()
             raise RegistryError(str(exc)) from exc
@@ -102,7 +121,34 @@ class Registry:
         self._check_schema()
         self.migrated = migrated  # schema versions applied on opening (each logged as a `migrate` event)
 
+    def _create_schema(self, dialect: str) -> None:
+        """Create whatever tables and triggers are missing. Two processes creating one new SQLite registry at
+        once (two first `init`s) race between "is the table there?" and CREATE TABLE; the one that loses sees
+        "already exists" and looks again, finding the other's tables (PostgreSQL serialises on a lock)."""
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    if dialect == "postgresql":
+                        postgres.lock_schema(conn)
+                    Base.metadata.create_all(conn)
+                    if dialect == "sqlite":
+                        for trigger in APPEND_ONLY_TRIGGERS:
+                            conn.execute(text(trigger))
+                    elif dialect == "postgresql":
+                        postgres.install_append_only(conn)
+                return
+            except OperationalError as exc:
+                if "already exists" not in str(exc.orig or exc) or attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
     def _check_schema(self) -> None:
+        try:
+            self._record_schema_version()
+        except IntegrityError:  # another process recorded it between our look and our insert
+            self._record_schema_version()
+
+    def _record_schema_version(self) -> None:
         with Session(self.engine) as s, s.begin():
             row = s.get(Meta, "schema_version")
             if row is None:
@@ -156,8 +202,9 @@ class Registry:
     @staticmethod
     def _event(s: Session, actor: str, action: str, subject: str, before: str, after: str,
                details: dict | None = None) -> None:
+        validate_actor(actor)  # every change is logged here: no newline or escape sequence can forge history
         s.add(EventRow(actor=actor, action=action, subject=subject, before=before, after=after,
-                       details=json.dumps(details or {}), at=utcnow()))
+                       details=strict_json(details or {}), at=utcnow()))
 
     # ---- bases ---------------------------------------------------------------------------
     def add_base(self, name: str, source_path: str, fingerprint: str, tensors: Sequence[BaseTensor],
@@ -241,7 +288,7 @@ class Registry:
                 old.removed_at = old.removed_at or utcnow()
                 s.flush()
             row = EntryRow(base_id=base_id, name=name, modality=modality, task=task, source_path=source_path,
-                           fingerprint=fingerprint, keymap=keymap, stats=json.dumps(stats), created_by=actor,
+                           fingerprint=fingerprint, keymap=keymap, stats=strict_json(stats), created_by=actor,
                            created_at=utcnow(), lineage=name, revision=revision, description=description or "")
             s.add(row)
             s.flush()
@@ -249,15 +296,19 @@ class Registry:
                 old.superseded_by = row.id
             s.add_all(EntryBlobRow(entry_id=row.id, role=b.role, key=b.key, digest=b.digest,
                                    stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
+            s.flush()
+            if self.describer is not None:
+                row.manifest = self.describer.entry(self._entry_facts(s, row))
             self._add_trims(s, [Trim(row.id, t.density, t.key, t.bits, t.ties) for t in trims])
             s.add_all(TagRow(kind=ENTRY, target_id=row.id, key=k, value=str(v)) for k, v in (tags or {}).items())
             if old is None:
                 self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
-                            {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs)})
+                            {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs),
+                             "manifest": row.manifest})
             else:
                 self._event(s, actor, "update", f"entry {name}", f"r{revision - 1}", f"r{revision}",
                             {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs),
-                             "superseded_row": old.name})
+                             "superseded_row": old.name, "manifest": row.manifest})
             return self._entry_record(row, s)
 
     def entry_by_id(self, entry_id: int) -> EntryRecord:
@@ -316,7 +367,7 @@ class Registry:
             before = self._alias_label(s, alias)
             if remove_entry is not None:
                 self._mark_removed(s, base_id, remove_entry, actor)
-            row = VersionRow(base_id=base_id, number=number, params=json.dumps(params), details=json.dumps(details),
+            row = VersionRow(base_id=base_id, number=number, params=strict_json(params), details=strict_json(details),
                              created_by=actor, created_at=utcnow(), recipe=recipe, description=description or "")
             s.add(row)
             s.flush()
@@ -325,9 +376,12 @@ class Registry:
                                        mask_density=m.mask_density) for m in members)
             s.add_all(VersionBlobRow(version_id=row.id, role=b.role, entry_id=b.entry_id, key=b.key, digest=b.digest,
                                      stored_bytes=b.stored_bytes, raw_bytes=b.raw_bytes) for b in blobs)
+            s.flush()
+            if self.describer is not None:
+                row.manifest = self.describer.version(self._version_facts(s, row))
             alias.version_id = row.id
             self._event(s, actor, "expand", f"version {number}", before, f"v{number}",
-                        {"members": [m.entry_name for m in members], **details})
+                        {"members": [m.entry_name for m in members], **details, "manifest": row.manifest})
             return self._version_record(s, row)
 
     def remove_entry_without_version(self, base_id: int, name: str, actor: str) -> None:
@@ -473,7 +527,7 @@ class Registry:
                     row.value = str(value)
             s.flush()
             after = self._tags(s, kind, target_id)
-            self._event(s, actor, "tag", label, json.dumps(before, sort_keys=True), json.dumps(after, sort_keys=True))
+            self._event(s, actor, "tag", label, strict_json(before, sort_keys=True), strict_json(after, sort_keys=True))
             return after
 
     def set_description(self, kind: str, target_id: int, label: str, text_: str, actor: str) -> None:
@@ -482,6 +536,126 @@ class Registry:
             before = row.description or ""
             row.description = text_
             self._event(s, actor, "describe", label, before, text_)
+
+    # ---- manifests -----------------------------------------------------------------------
+    @staticmethod
+    def _grouped_blobs(s: Session, table, owner_column, owner_ids: Sequence[int] | None = None
+                       ) -> dict[int, list[BlobRef]]:
+        """Blob rows by owner id (all owners, or those given)."""
+        q = select(table).order_by(table.id)
+        if owner_ids is not None:
+            q = q.where(owner_column.in_(list(owner_ids)))
+        out: dict[int, list[BlobRef]] = {}
+        for r in s.scalars(q):
+            entry_id = r.entry_id if table is VersionBlobRow else None
+            out.setdefault(getattr(r, owner_column.key), []).append(
+                BlobRef(r.role, r.key, r.digest, r.stored_bytes, r.raw_bytes, entry_id))
+        return out
+
+    def _entry_facts(self, s: Session, row: EntryRow, blobs: Sequence[BlobRef] | None = None) -> EntryFacts:
+        if blobs is None:
+            blobs = self._grouped_blobs(s, EntryBlobRow, EntryBlobRow.entry_id, [row.id]).get(row.id, [])
+        try:
+            referenced = bool(json.loads(row.stats).get("referenced"))
+        except (ValueError, TypeError, AttributeError):  # unreadable stats: the manifest then differs, named
+            referenced = None
+        return EntryFacts(row.id, row.base_id, row.lineage or row.name, row.revision or 1, row.modality, row.task,
+                          row.fingerprint, row.keymap, tuple(blobs), row.manifest, referenced)
+
+    def _version_facts(self, s: Session, row: VersionRow, blobs: Sequence[BlobRef] | None = None,
+                       members: Sequence[VersionMemberRow] | None = None, entry_manifests: dict | None = None,
+                       parent: str | None = None, parent_known: bool = False) -> VersionFacts:
+        if blobs is None:
+            blobs = self._grouped_blobs(s, VersionBlobRow, VersionBlobRow.version_id, [row.id]).get(row.id, [])
+        if members is None:
+            members = list(s.scalars(select(VersionMemberRow).where(VersionMemberRow.version_id == row.id)))
+        found = tuple(sorted(((m.entry_id, m.position, m.scale, m.mask_density) for m in members),
+                             key=lambda m: (m[1], m[0])))
+        if entry_manifests is None:
+            entry_manifests = {e: s.scalar(select(EntryRow.manifest).where(EntryRow.id == e)) for e, *_ in found}
+        if not parent_known:
+            parent = s.scalar(select(VersionRow.manifest).where(VersionRow.base_id == row.base_id,
+                                                                VersionRow.number == row.number - 1))
+        return VersionFacts(row.id, row.base_id, row.number, row.params, row.recipe, found,
+                            {e: entry_manifests.get(e) for e, *_ in found}, parent, tuple(blobs), row.manifest)
+
+    def entry_facts(self) -> Iterator[EntryFacts]:
+        """Every entry row (every base, removed and superseded ones too) as its manifest would describe it;
+        one row's blob rows in memory at a time."""
+        with Session(self.engine) as s:
+            ids = list(s.scalars(select(EntryRow.id).order_by(EntryRow.id)))
+            for entry_id in ids:
+                row = s.get(EntryRow, entry_id)
+                if row is not None:
+                    yield self._entry_facts(s, row)
+                s.expunge_all()
+
+    def version_facts(self) -> Iterator[VersionFacts]:
+        """Every version row as its manifest would describe it, by base and number; one at a time."""
+        with Session(self.engine) as s:
+            ids = list(s.scalars(select(VersionRow.id).order_by(VersionRow.base_id, VersionRow.number)))
+            for version_id in ids:
+                row = s.get(VersionRow, version_id)
+                if row is not None:
+                    yield self._version_facts(s, row)
+                s.expunge_all()
+
+    def manifests_complete(self) -> bool:
+        """Whether every entry and version row records its manifest (false for a store of an earlier release
+        until its manifests are written)."""
+        return self.get_meta(MANIFESTS_META_KEY) == "complete"
+
+    def record_manifests(self, entries: dict[int, str], versions: dict[int, str], actor: str) -> None:
+        """Record the manifests written for rows that had none, and mark the registry complete; logged."""
+        with self._tx() as s:
+            for table, digests in ((EntryRow, entries), (VersionRow, versions)):
+                for row_id, digest in digests.items():
+                    row = s.get(table, row_id)
+                    if row is not None and row.manifest is None:
+                        row.manifest = digest
+            meta = s.get(Meta, MANIFESTS_META_KEY)
+            if meta is None:
+                s.add(Meta(key=MANIFESTS_META_KEY, value="complete"))
+            else:
+                meta.value = "complete"
+            if entries or versions:
+                self._event(s, actor, "manifests", "registry", "", f"{len(entries)} entries, {len(versions)} versions",
+                            {"entries": len(entries), "versions": len(versions)})
+
+    def manifest_events(self) -> list[tuple[int, str, str]]:
+        """(event id, subject, manifest digest) of every logged register, update and expand that names one."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(EventRow.id, EventRow.subject, EventRow.details)
+                             .where(EventRow.action.in_(["register", "update", "expand"])).order_by(EventRow.id))
+            found = []
+            for event_id, subject, details in rows:
+                try:
+                    digest = json.loads(details).get("manifest")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(digest, str):
+                    found.append((event_id, subject, digest))
+            return found
+
+    def manifest_digests(self) -> list[str]:
+        """The manifest digest every entry and version row records (rows without one left out)."""
+        with Session(self.engine) as s:
+            return [d for table in (EntryRow, VersionRow)
+                    for d in s.scalars(select(table.manifest).where(table.manifest.isnot(None)))]
+
+    def rows_without_manifest(self) -> int:
+        """How many entry and version rows record no manifest."""
+        with Session(self.engine) as s:
+            return sum(s.scalar(select(func.count()).select_from(table).where(table.manifest.is_(None))) or 0
+                       for table in (EntryRow, VersionRow))
+
+    def referenced_digests(self) -> set[str]:
+        """Every digest any row names: blob rows (joined to an owner or not) and manifest columns."""
+        with Session(self.engine) as s:
+            found = set(s.scalars(select(EntryBlobRow.digest))) | set(s.scalars(select(VersionBlobRow.digest)))
+            found |= set(s.scalars(select(EntryRow.manifest))) | set(s.scalars(select(VersionRow.manifest)))
+        found.discard(None)
+        return found
 
     # ---- audit ---------------------------------------------------------------------------
     def record(self, actor: str, action: str, subject: str, before: str = "", after: str = "",
@@ -520,16 +694,48 @@ class Registry:
                     continue
                 of = f" of entry {names.get(entry_id, entry_id)}" if entry_id is not None else ""
                 owners.setdefault(digest, set()).add(f"version {number} {role}{of}, tensor {key}")
+            for digest, name in s.execute(select(EntryRow.manifest, EntryRow.name)
+                                          .where(EntryRow.manifest.isnot(None))):
+                owners.setdefault(digest, set()).add(f"entry {name} manifest" if detailed else f"entry {name}")
+            for digest, number in s.execute(select(VersionRow.manifest, VersionRow.number)
+                                            .where(VersionRow.manifest.isnot(None))):
+                owners.setdefault(digest, set()).add(f"version {number} manifest" if detailed else f"version {number}")
         return {d: sorted(o) for d, o in owners.items()}
 
     def dangling_references(self) -> list[str]:
-        """Rows whose foreign keys point nowhere (should never happen; audit reports them)."""
+        """Rows whose references point nowhere, and gaps in version numbers (should never happen; audit
+        reports them as damage)."""
         problems = []
         with Session(self.engine) as s:
+            bases = set(s.scalars(select(BaseModelRow.id)))
+            entries = set(s.scalars(select(EntryRow.id)))
+            versions = dict(s.execute(select(VersionRow.id, VersionRow.base_id)).all())
             for alias in s.scalars(select(AliasRow)):
-                if alias.version_id is not None and s.get(VersionRow, alias.version_id) is None:
+                if alias.version_id is not None and alias.version_id not in versions:
                     problems.append(f"alias {alias.name} points at missing version id {alias.version_id}")
             for m in s.scalars(select(VersionMemberRow)):
-                if s.get(EntryRow, m.entry_id) is None:
+                if m.entry_id not in entries:
                     problems.append(f"version id {m.version_id} names missing entry id {m.entry_id}")
+                if m.version_id not in versions:
+                    problems.append(f"a member row (entry id {m.entry_id}) belongs to missing version id "
+                                    f"{m.version_id}")
+            checks = [("blob rows of entry id", select(EntryBlobRow.entry_id), entries),
+                      ("blob rows of version id", select(VersionBlobRow.version_id), set(versions)),
+                      ("mask rows naming entry id", select(VersionBlobRow.entry_id)
+                       .where(VersionBlobRow.entry_id.isnot(None)), entries),
+                      ("trim rows of entry id", select(TrimRow.entry_id), entries),
+                      ("entry rows of base id", select(EntryRow.base_id), bases),
+                      ("version rows of base id", select(VersionRow.base_id), bases),
+                      ("base tensor rows of base id", select(BaseTensorRow.base_id), bases)]
+            for what, query, known in checks:
+                for missing in sorted(set(s.scalars(query)) - known):
+                    problems.append(f"{what} {missing}, which does not exist")
+            numbers: dict[int, list[int]] = {}
+            for number, base_id in s.execute(select(VersionRow.number, VersionRow.base_id)):
+                numbers.setdefault(base_id, []).append(number)
+            for base_id, found in numbers.items():
+                gaps = sorted(set(range(1, max(found) + 1)) - set(found))
+                if gaps:
+                    problems.append(f"version {', '.join(map(str, gaps))} of base id {base_id} is missing "
+                                    f"(versions {', '.join(map(str, sorted(found)))} exist)")
         return problems

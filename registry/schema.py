@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3  # see registry/migrations.py for how older registries are brought up to it
+SCHEMA_VERSION = 4  # see registry/migrations.py for how older registries are brought up to it
 
 
 def utcnow() -> datetime:
@@ -72,6 +72,8 @@ class EntryRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     superseded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # schema 4: the digest of the entry's manifest blob (see mmer_cl/manifests.py), like a git ref to a tree
+    manifest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BlobColumns:
@@ -107,6 +109,8 @@ class VersionRow(Base):
     # schema 2: a description and the recipe (YAML text) the version was expanded from.
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
     recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # schema 4: the digest of the version's manifest blob (see mmer_cl/manifests.py)
+    manifest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class VersionMemberRow(Base):

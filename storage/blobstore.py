@@ -23,6 +23,7 @@ from mmer_cl.faults import fault_point
 from storage.backends import MARKER_NAME, PAGE_SIZE, Backend, BackendError, open_backend  # noqa: F401
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+INTACT, DAMAGED, ABSENT = "intact", "damaged", "absent"
 
 
 class BlobError(MmerError):
@@ -44,16 +45,29 @@ class Batch:
 
     def put(self, data: bytes) -> str:
         digest = sha256(data)
-        existed = self.store._complete(digest, len(data))
-        if existed:
+        state = self.store._state(digest, len(data))
+        if state == INTACT:
+            return digest
+        if state == DAMAGED:  # repaired: the object was there before this batch, so it is never ours to remove
+            self.store._write(digest, data)
             return digest
         try:
-            self.store._put(data)
+            self.store._write(digest, data)
         except BaseException:  # even when interrupted right after the object appeared: it is ours to remove
             self.store.backend.delete(_key(digest))
             raise
         self.created.append(digest)
         return digest
+
+    def discard(self, keep: Iterable[str] = ()) -> int:
+        """Delete the blobs this batch created (none of which any row references yet), except ``keep``;
+        for an operation that ends without recording anything ("nothing changed"). Returns how many."""
+        kept = set(keep)
+        gone = [d for d in self.created if d not in kept]
+        for digest in gone:
+            self.store.backend.delete(_key(digest))
+        self.created = [d for d in self.created if d in kept]
+        return len(gone)
 
 
 @dataclass(frozen=True)
@@ -113,16 +127,27 @@ class BlobStore:
             raise BlobError(f"blob location {self.location} is not a local directory")
         return local(key)
 
-    def _complete(self, digest: str, size: int) -> bool:
-        """Whether the blob is stored whole (an object of its size is under its name)."""
+    def _state(self, digest: str, size: int) -> str:
+        """INTACT (an object of the right size whose bytes hash to its name), DAMAGED (an object of another
+        size or content: rewritten by the next put) or ABSENT. The hash costs one read, and only when an
+        object of the right size is there already (a write it saves)."""
         try:
-            return self.backend.size(_key(digest)) == size
+            if self.backend.size(_key(digest)) != size:
+                return DAMAGED
+            return INTACT if sha256(self.backend.get(_key(digest))) == digest else DAMAGED
         except FileNotFoundError:
-            return False
+            return ABSENT
+
+    def _write(self, digest: str, data: bytes) -> None:
+        """Write the object whole, replacing whatever (damaged or partial) object is under its name."""
+        self.backend.put(_key(digest), data)
 
     def _put(self, data: bytes) -> tuple[str, bool]:
         digest = sha256(data)
-        return digest, self.backend.put_if_absent(_key(digest), data)
+        if self._state(digest, len(data)) == INTACT:
+            return digest, False
+        self._write(digest, data)
+        return digest, True
 
     def put(self, data: bytes) -> str:
         """Store ``data`` (once) and return its sha256 digest."""

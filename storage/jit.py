@@ -61,4 +61,14 @@ def kernel(fn: Callable) -> Callable:
         return compiled[0](*args)
 
     call.py_func = fn
+    call.signatures = lambda: list(compiled[0].signatures) if compiled else []  # one per argument type seen
     return call
+
+
+def array_list(arrays) -> Any:
+    """``arrays`` (numpy, one dtype and rank) as one argument a kernel indexes like a tuple, but whose type
+    does not depend on how many there are: a tuple of k arrays would compile the kernel once per k."""
+    out = _numba().typed.List()
+    for a in arrays:
+        out.append(a)
+    return out

@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from mmer_cl.errors import StoreDamagedError
 from mmer_cl.locks import advisory_key, writer_lock
 from mmer_cl.store import Store, StoreError
 from registry.postgres import normalise_url
@@ -51,6 +52,34 @@ def test_a_damaged_blob_is_rewritten_by_the_next_put_of_its_content(blobs):
     a = blobs.put(b"content")
     damage(blobs, a, b"x")
     assert blobs.put(b"content") == a and blobs.verify(a) is None
+    damage(blobs, a, b"CONTENT")  # the right size: only the hash tells
+    assert blobs.verify(a) == "damaged"
+    with blobs.batch() as batch:
+        assert batch.put(b"content") == a and batch.created == []  # repaired, never the batch's to remove
+    assert blobs.verify(a) is None
+
+
+def test_damaged_rows_make_gc_refuse_on_a_bucket_and_nothing_live_goes(family, tmp_path):
+    """Issue 20, item 1, with the blobs (and so the manifests) on an fsspec filesystem."""
+    import sqlite3
+
+    objects = f"memory://rows-{uuid.uuid4().hex}/blobs"
+    with Store.init(tmp_path / "s", family / "base", objects=objects) as store:
+        store.register(family / "vision", "vision", "vision")
+        store.register(family / "audio", "audio", "audio")
+        store.expand()
+        live = set(store.blobs.digests())
+    con = sqlite3.connect(tmp_path / "s" / "registry.db")
+    con.execute("PRAGMA foreign_keys=OFF")
+    con.execute("DELETE FROM version_blobs WHERE id IN (SELECT id FROM version_blobs LIMIT 5)")
+    con.commit()
+    con.close()
+    with Store.open(tmp_path / "s", objects=objects) as store:
+        report = store.audit()
+        assert not report.ok and "5 blob row(s) of its manifest are missing" in report.manifest_problems[0]
+        with pytest.raises(StoreDamagedError, match="refusing to run gc"):
+            store.gc()
+        assert set(store.blobs.digests()) == live
 
 
 def test_listing_is_paginated_and_gc_keeps_only_what_is_referenced(blobs):
@@ -165,14 +194,14 @@ def test_the_cli_takes_the_blob_location_from_mmer_objects(family, tmp_path):
 
 def test_a_batch_interrupted_after_its_blob_appeared_still_removes_it(blobs, monkeypatch):
     """The object is written, then the writer is interrupted before it can note the blob as its own."""
-    inner = blobs.backend.put_if_absent
+    inner = blobs.backend.put
 
     def put_then_interrupt(key, data):
         inner(key, data)
         raise KeyboardInterrupt
 
     kept = blobs.put(b"already there")
-    monkeypatch.setattr(blobs.backend, "put_if_absent", put_then_interrupt)
+    monkeypatch.setattr(blobs.backend, "put", put_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         with blobs.batch() as batch:
             assert batch.put(b"already there") == kept  # existing: not written, not ours

@@ -79,11 +79,14 @@ def test_bad_input_exits_two_with_advice(mmer, family, tmp_path):
     assert "exactly one of --entry" in mmer("export", tmp_path / "o", code=2)
 
 
-def test_registering_twice_is_recognised(mmer, family):
+def test_registering_twice_is_recognised_and_another_name_for_the_same_weights_refused(mmer, family):
     mmer("init", "--base", family / "base")
     mmer("register", family / "vision", "--name", "vision", "--modality", "vision")
-    assert "already registered as entry 'vision'" in mmer("register", family / "vision", "--name", "v2",
-                                                         "--modality", "vision")
+    assert "already registered as entry 'vision'; nothing changed" in mmer("register", family / "vision", "--name",
+                                                                          "vision", "--modality", "vision")
+    out = mmer("register", family / "vision", "--name", "v2", "--modality", "vision", code=2)
+    assert "already registered as entry 'vision'" in out and "use that name" in out
+    assert [e["name"] for e in json.loads(mmer("entries", "--json"))] == ["vision"]
 
 
 def test_remove_and_gc(mmer, family):
@@ -196,3 +199,108 @@ def test_the_process_ends_without_teardown_yet_keeps_its_output_exit_code_and_a_
     assert mmer_process("no-such-command").returncode == 2
     leftovers = [p.name for p in (tmp_path / "store").iterdir() if p.name.endswith(("-wal", "-shm"))]
     assert leftovers == []  # each command closed its registry, so SQLite folded and removed its log
+
+
+def test_remove_refuses_to_take_in_a_pending_update_and_says_to_expand_first(mmer, family):
+    mmer("init", "--base", family / "base")
+    mmer("register", family / "vision", "--name", "vision", "--modality", "vision")
+    mmer("register", family / "audio", "--name", "audio", "--modality", "audio")
+    mmer("expand")
+    mmer("register", family / "video", "--name", "vision", "--update")  # pending until the next expand
+    out = mmer("remove", "audio", code=2)
+    assert "vision revision 2" in out and "`mmer expand` first" in out
+    assert [v["number"] for v in json.loads(mmer("versions", "--json"))] == [1]
+    assert "audio" in [e["name"] for e in json.loads(mmer("entries", "--json"))]
+    mmer("expand")
+    out = mmer("remove", "audio")
+    assert "removed 'audio'; version 3 is current: vision r2" in out
+    assert "vision r1 -> r2" not in mmer("diff", "v2", "v3")
+
+
+def test_register_update_keeps_modality_and_task_unless_given(mmer, family):
+    mmer("init", "--base", family / "base")
+    mmer("register", family / "vision", "--name", "vision", "--modality", "vision", "--task", "caption")
+    assert "registered 'vision' revision 2 (vision/caption)" in mmer("register", family / "video", "--name",
+                                                                    "vision", "--update")
+    assert "(vision/vqa)" in mmer("register", family / "audio", "--name", "vision", "--update", "--task", "vqa")
+    entry = json.loads(mmer("entries", "--json"))[0]
+    assert (entry["revision"], entry["modality"], entry["task"]) == (3, "vision", "vqa")
+    assert "no entry named 'nobody' to update" in mmer("register", family / "audio", "--name", "nobody", "--update",
+                                                        code=2)
+    assert "--modality" in mmer("register", family / "audio", "--name", "audio", code=2)
+
+
+def test_a_taken_name_fails_before_the_checkpoint_is_read(mmer, family, tmp_path):
+    mmer("init", "--base", family / "base")
+    mmer("register", family / "vision", "--name", "vision", "--modality", "vision")
+    (tmp_path / "not-a-checkpoint").mkdir()  # reading it would fail with another message
+    out = mmer("register", tmp_path / "not-a-checkpoint", "--name", "vision", "--modality", "vision", code=2)
+    assert "an entry named 'vision' already exists" in out and "--update" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["register", "CKPT", "--name", "../x", "--modality", "v"], "invalid entry name"),
+    (["register", "CKPT", "--name", "x", "--modality", "a b"], "invalid modality"),
+    (["register", "CKPT", "--name", "x", "--modality", "v", "--tag", "novalue"], "KEY=VALUE"),
+    (["register", "CKPT", "--name", "x", "--modality", "v", "--max-change", "0"], "--max-change"),
+    (["expand", "--density", "2"], "density must be in (0, 1]"),
+    (["expand", "--lambda", "-1"], "lambda must be >= 0"),
+    (["expand", "--members", "a,../b"], "invalid member name"),
+    (["export", "--entry", "../x", "OUT"], "invalid entry name"),
+    (["export", "--entry", "x", "--max-shard-size", "lots", "OUT"], "cannot read size"),
+    (["remove", "../x"], "invalid entry name"),
+])
+def test_arguments_are_checked_before_any_store_is_opened(family, tmp_path, args, message):
+    """The store does not exist: a message about it would mean the store was opened first."""
+    args = [str(family / "vision") if a == "CKPT" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "no-store"), "-q", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "no-store").exists()
+
+
+def test_messages_name_the_right_command(mmer, family):
+    mmer("init", "--base", family / "base")
+    out = mmer("tag", "v1.0", "v2", code=2)
+    assert "mmer alias set v1.0 v2" in out and "--tag" not in out
+    assert "mmer history" in mmer("log", code=2)
+    assert "requires an argument" in CliRunner().invoke(cli, ["versions", "--store"]).output
+    out = mmer("register", "some-org/some-model", "--name", "x", "--modality", "text", code=2)
+    assert "hf download some-org/some-model" in out and "never downloads" in out
+
+
+def test_a_hub_id_is_read_from_the_local_hugging_face_cache(mmer, family, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--some-org--llava-vision" / "snapshots" / ("0" * 40)
+    shutil.copytree(family / "vision", snapshot)
+    (cache / "models--some-org--llava-vision" / "refs").mkdir()
+    (cache / "models--some-org--llava-vision" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mmer("init", "--base", family / "base")
+    assert "registered 'vision'" in mmer("register", "some-org/llava-vision", "--name", "vision", "--modality",
+                                         "vision")
+
+
+def test_version_shows_the_package_and_the_store_format():
+    from mmer_cl import __version__
+    from registry import SCHEMA_VERSION
+
+    out = CliRunner().invoke(cli, ["--version"]).output
+    assert f"mmer (mmer-cl) {__version__}" in out and f"store format {SCHEMA_VERSION}" in out
+
+
+def test_the_release_is_one_version_everywhere():
+    import tomllib
+    from pathlib import Path
+
+    from mmer_cl import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__ == "0.2.0"
+    assert project["license"] == "Apache-2.0" and "Apache License" in (root / "LICENSE").read_text()
+    assert f"## {__version__}" in (root / "CHANGELOG.md").read_text()

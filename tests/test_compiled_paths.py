@@ -248,3 +248,52 @@ def test_the_one_pass_task_vector_and_norms_equal_the_separate_functions(dtype):
         want = task_vector(base.reshape(1, -1), tuned.reshape(1, -1))
         assert same_bits(tau, want), n
         assert tau_sq == sum_of_squares(want) and base_sq == sum_of_squares(base), n
+
+
+@pytest.mark.parametrize("k, alpha, lams, density, seed", [
+    (1, 1.0, [1.0], 0.2, 0),
+    (3, 1.0, [1.0, 1.0, 1.0], 0.2, 12345),
+    (3, 0.7, [1.0, 0.8, 1.3], 0.3, 7),
+    (4, 1.0, [1.0] * 4, 1.0, 1),  # density 1 keeps everything (threshold -1)
+])
+def test_the_hash_tie_rule_gives_the_same_bits_compiled_fused_and_plain(monkeypatch, k, alpha, lams, density, seed):
+    from mmer_cl.merging import with_tie_rule
+
+    g = torch.Generator().manual_seed(k)
+    n = 3 * 4096 + 5
+    base = torch.randn(n, generator=g).bfloat16()
+    taus = [(base + 0.01 * torch.randn(n, generator=g)).bfloat16().float() - base.float() for _ in range(k)]
+    taus[0][:50] = 0.0  # a run of zeros
+    thresholds = [trim_threshold(t, density) for t in taus]
+    ruled = both_ways(monkeypatch, lambda: [with_tie_rule(t, th, "hash", seed) for t, th in zip(taus, thresholds)])
+    assert ruled[0] == ruled[1]  # the same cut, numba or numpy
+    ruled = ruled[0]
+    merged, masks = fused.ties_mmer(taus, ruled, alpha, lams)
+    want = ties_from_thresholds(taus, ruled, alpha)
+    assert same_bits(merged, want)
+    assert same_bits(masks, masks_in_pieces("mmer", taus, want, lams, 2))
+    earliest = ties_from_thresholds(taus, thresholds, alpha)
+    if density < 1.0:
+        assert not same_bits(want, earliest)  # the rule chose other ties
+
+
+def test_the_hash_tie_rule_trims_piece_by_piece_as_it_trims_the_whole(monkeypatch):
+    import mmer_cl.expansion as expansion
+    from mmer_cl.merging import keep_count, trim, with_tie_rule
+
+    g = torch.Generator().manual_seed(9)
+    taus = [torch.randint(-4, 5, (53, 41), generator=g).float() / 16 for _ in range(3)]
+    ruled = [with_tie_rule(t, trim_threshold(t, 0.4), "hash", 77) for t in taus]
+    whole = expansion.ties_from_thresholds(taus, ruled, 1.0)
+    monkeypatch.setattr(expansion, "CHUNK", 97)  # pieces that cut through runs of ties
+    assert same_bits(expansion.ties_from_thresholds(taus, ruled, 1.0), whole)
+    kept = trim(taus[0], 0.4, "hash", 77)
+    assert int((kept != 0).sum()) == keep_count(taus[0].numel(), 0.4)
+
+
+def test_the_fused_pass_compiles_once_whatever_the_number_of_models():
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 5):  # a tuple of k arrays would be a new type, and a new compilation, for every k
+        taus = [torch.randn(1000, generator=g) for _ in range(k)]
+        fused.ties_mmer(taus, [trim_threshold(t, 0.2) for t in taus], 1.0, [1.0] * k)
+    assert len(fused._ties_mmer.signatures()) == 1

@@ -98,3 +98,57 @@ def test_merges_reject_mismatched_shapes_and_empty_input():
         ties([torch.zeros(3), torch.zeros(4)])
     with pytest.raises(ConfigError, match="at least one"):
         average([])
+
+
+def test_the_hash_tie_rule_keeps_the_count_and_spreads_ties_over_the_tensor():
+    from mmer_cl.merging import keep_count
+
+    tau = torch.full((200, 50), 0.25)  # every magnitude ties at the threshold
+    tau[7, 3] = 1.0
+    n, want = tau.numel(), keep_count(tau.numel(), 0.2)
+    earliest = trim(tau, 0.2, "earliest")
+    hashed = trim(tau, 0.2, "hash", seed=11)
+    assert int((earliest != 0).sum()) == want == int((hashed != 0).sum())
+    assert hashed[7, 3] == 1.0 and earliest[7, 3] == 1.0  # above the threshold: always kept
+    first_rows = (earliest != 0).reshape(-1)[: n // 2].sum().item()
+    assert first_rows == want  # earliest: the ties all come from the first rows
+    halves = (hashed != 0).reshape(-1).reshape(2, -1).sum(dim=1).tolist()
+    assert abs(halves[0] - halves[1]) < 0.1 * want  # hash: spread over the whole tensor
+    assert torch.equal(hashed, trim(tau, 0.2, "hash", seed=11))  # deterministic
+    assert not torch.equal(hashed, trim(tau, 0.2, "hash", seed=12))  # and seeded
+
+
+def test_the_hash_tie_rule_keeps_the_ties_with_the_smallest_hashes():
+    import numpy as np
+
+    from mmer_cl.merging import tie_hash
+
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randint(-3, 4, (997,), generator=g).float() / 8  # few distinct magnitudes: many ties
+    kept = trim(tau, 0.3, "hash", seed=5)
+    threshold = kept[kept != 0].abs().min()
+    tied = (tau.abs() == threshold).nonzero().reshape(-1).numpy()
+    hashes = tie_hash(tied, 5)
+    chosen = set(tied[np.argsort(hashes)[: int((kept.abs() == threshold).sum())]].tolist())
+    assert chosen == set((kept.abs() == threshold).nonzero().reshape(-1).tolist())
+    assert len(set(tie_hash(np.arange(100_000), 5).tolist())) == 100_000  # a bijection: hashes never tie
+
+
+def test_an_unknown_tie_rule_is_refused():
+    with pytest.raises(ConfigError, match="tie rule"):
+        trim(T1, 0.5, "latest")
+
+
+def test_new_versions_record_the_hash_tie_rule_and_older_records_read_as_earliest():
+    from mmer_cl.params import MergeParams
+    from mmer_cl.recipe import parse_recipe
+
+    assert MergeParams().tie_rule == "hash"
+    assert MergeParams().to_dict()["tie_rule"] == "hash"
+    old = {k: v for k, v in MergeParams().to_dict().items() if k != "tie_rule"}  # recorded before the rule
+    assert MergeParams.from_dict(old).tie_rule == "earliest"
+    assert MergeParams.from_dict(MergeParams().to_dict()) == MergeParams()
+    assert MergeParams.from_dict(old).merge_key() != MergeParams().merge_key()  # no incremental step across rules
+    assert parse_recipe("tie_rule: earliest\n").params.tie_rule == "earliest"
+    with pytest.raises(ConfigError, match="tie rule"):
+        MergeParams(tie_rule="first")

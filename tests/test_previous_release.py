@@ -75,3 +75,35 @@ def test_an_old_store_expands_again_in_the_new_format(old_store, tmp_path):
     assert old_store.audit().ok
     report = old_store.report(svd=False)
     assert report["on_disk"]["legacy_accumulators"] > 0  # still on disk: versions 1 and 2 use them
+
+
+def test_an_old_store_gets_manifests_on_its_first_write_locked_open_and_is_trusted_until_then(tmp_path):
+    """Release 0.1 wrote no manifests. An open that cannot take the writer lock at once (another writer at
+    work; or a read-only store) leaves them for later: audit trusts the rows, and says so. The next open
+    that can writes one per entry and version, logged, and audit then checks every row against them."""
+    from mmer_cl.locks import file_lock
+
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    root = tmp_path / "old" / "store"
+    con = sqlite3.connect(root / "registry.db")
+    con.execute("UPDATE base_models SET source_path = ?", (str(tmp_path / "old" / "base"),))
+    con.commit()
+    con.close()
+    Store.open(root).close()  # migrated; identity settled
+    con = sqlite3.connect(root / "registry.db")  # as it was before this release wrote any manifest
+    con.execute("UPDATE entries SET manifest = NULL")
+    con.execute("UPDATE versions SET manifest = NULL")
+    con.execute("DELETE FROM meta WHERE key = 'manifests'")
+    con.commit()
+    con.close()
+    with file_lock(root / ".lock"), Store.open(root) as s:  # another writer holds the lock: not written now
+        rep = s.audit()
+        assert rep.ok and rep.undescribed == 5 and not s.registry.manifests_complete()
+    with Store.open(root) as s:
+        assert s.registry.manifests_complete()
+        rep = s.audit()
+        assert rep.ok and rep.undescribed == 0 and rep.unreferenced == 0
+        logged = [(e.action, e.after) for e in s.history() if e.action == "manifests"]
+        assert logged == [("manifests", "3 entries, 2 versions")] * 2  # on migrating, and again here
+        v2 = s.registry.version_facts()
+        assert [f.parent is not None for f in v2] == [False, True]  # version 2's manifest names version 1's

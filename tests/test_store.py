@@ -142,8 +142,10 @@ def test_single_entry_store_reconstructs_its_model_exactly(family, tmp_path):
 
 def test_registering_the_same_checkpoint_twice_is_recognised(store, family):
     before = snapshot(store.root)
-    again = store.register(family / "vision", "vision-again", "vision")
+    again = store.register(family / "vision", "vision", "vision")
     assert not again.created and again.entry.name == "vision"
+    with pytest.raises(StoreError, match="already registered as entry 'vision'"):  # a second name: refused
+        store.register(family / "vision", "vision-again", "vision")
     assert snapshot(store.root) == before
 
 

@@ -83,7 +83,8 @@ def test_old_versions_export_bit_for_bit_after_expansions_removals_and_rollbacks
     assert grown.audit().ok
 
 
-def test_reads_never_walk_more_than_the_maximum_chain(family, tmp_path, monkeypatch):
+def test_reads_never_walk_more_than_the_maximum_chain_and_chains_are_cut_a_few_tensors_at_a_time(
+        family, tmp_path, monkeypatch):
     monkeypatch.setattr(delta, "MAX_DEPTH", 2)
     s = Store.init(tmp_path / "store", family / "base", actor="ci")
     s.register(family / "vision", "vision", "vision")
@@ -92,11 +93,29 @@ def test_reads_never_walk_more_than_the_maximum_chain(family, tmp_path, monkeypa
     for name in ("audio", "video"):  # v2 and v3: each coded against the one before
         s.register(family / name, name, name)
         s.expand()
-    s.remove("audio")  # v4 would be a third link: it starts afresh
-    depths = {v.number: max(s.reader.depth(r.digest) for r in s.registry.version_blobs(v.id, "merged"))
-              for v in s.versions()}
-    assert depths == {1: 0, 2: 1, 3: 2, 4: 0}
+    s.remove("audio")  # v4
+    phases = expansion_plan.rebase_phases(expansion_plan.llm_shapes(s.registry.base_tensors(s.base().id)), 2)
+    assert set(phases.values()) == {0, 1}
+    before: dict = {}
+    for v in s.versions():
+        merged = {r.key: r.digest for r in s.registry.version_blobs(v.id, "merged")}
+        depths = {key: s.reader.depth(d) for key, d in merged.items()}
+        assert max(depths.values()) < 2  # cut by phase before the encoders' own limit
+        whole = {key for key, d in merged.items() if depths[key] == 0 and d != before.get(key)}
+        if v.number > 1:  # only the tensors at this version's phase are written whole
+            assert whole and whole <= {key for key, p in phases.items() if p == v.number % 2}
+        before = merged
     assert files_of(s.export("vision", tmp_path / "again", version=1)) == reference
+
+
+def test_rebase_phases_spread_the_parameters_evenly_and_depend_on_the_shapes_alone():
+    shapes = {"embed": (1000, 64), "head": (1000, 64), **{f"l{i}": (64, 64) for i in range(40)}, "norm": (64,)}
+    phases = expansion_plan.rebase_phases(shapes, 4)
+    load = [0] * 4
+    for key, p in phases.items():
+        load[p] += torch.Size(shapes[key]).numel()
+    assert max(load) - min(load) <= 64 * 64  # within one small tensor
+    assert phases == expansion_plan.rebase_phases(dict(reversed(list(shapes.items()))), 4)
 
 
 def test_trims_are_computed_once_per_entry_and_density(grown, monkeypatch):
@@ -115,7 +134,11 @@ def test_trims_are_computed_once_per_entry_and_density(grown, monkeypatch):
 def test_the_report_counts_every_byte_du_counts_once_the_store_is_closed(grown, family, tmp_path):
     import subprocess
 
-    grown.register(family / "video", "video2", "video")  # registered but not merged yet: still counted
+    import builders
+    from transformers import LlamaForCausalLM
+
+    builders.save_llava(LlamaForCausalLM.from_pretrained(family / "base"), tmp_path / "speech", seed=4)
+    grown.register(tmp_path / "speech", "speech", "audio")  # registered but not merged yet: still counted
     r = grown.report(svd=False)
     grown.close()  # as after `mmer report`: SQLite's log and index of the open connection are gone
     du = int(subprocess.run(["du", "-sb", str(grown.root)], capture_output=True, text=True).stdout.split()[0])

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmer_cl.progress import Progress
 from mmer_family.model import load_mllm
 from mmer_family.scoring import accuracy, answer_batch, perplexity
 from mmer_family.tasks import TASKS
@@ -97,10 +98,20 @@ def evaluate(store, versions: dict[str, int], seed_dir: Path, tok, text: str, wi
     for method in ("task_arithmetic", "ties", "average"):
         systems[f"merged LLM + both encoders ({method})"] = (
             store.compose([VISION, AUDIO], version=versions[method], use_mask=False), "merged")
+    # progress of the slow part (mixed inputs through each system): a bar in a terminal, a line every 15 s in a log
+    done = [0]
+    total = [len(systems) * (len(PROMPTS) + len(VARIANTS)) + len(VARIANTS) * 2 + len(CHOICES)]
+    bar = Progress("  seed evaluation (mixed inputs, test and validation)", quiet=False, interval=15)
+
+    def step(value):
+        done[0] += 1
+        bar(done[0], total[0])
+        return value
+
     # validation: the prompt per system, and which text-token choice scores best
     prompts = {}
     for label, (model, text_params) in systems.items():
-        accs = {p: mixed_accuracy(model, tok, p, *val, text_params=text_params) for p in PROMPTS}
+        accs = {p: step(mixed_accuracy(model, tok, p, *val, text_params=text_params)) for p in PROMPTS}
         prompts[label] = max(accs, key=accs.get)
         out["val"][label] = accs[prompts[label]]
     best = max(CHOICES, key=lambda c: out["val"][f"MMER composed, text on {c}"])
@@ -108,19 +119,22 @@ def evaluate(store, versions: dict[str, int], seed_dir: Path, tok, text: str, wi
     out["prompts"] = prompts
     full = {f"MMER composed, text on {c}" for c in {best, composed.text_params}} | \
         {label for label in systems if "merged LLM" in label}
+    total[0] = done[0] + sum(len(VARIANTS) if label in full else 1 for label in systems) + len(VARIANTS) * 2 \
+        + len(CHOICES)
     for label, (model, text_params) in systems.items():  # other text choices: clean test pairs only (cost)
         variants = VARIANTS if label in full else VARIANTS[:1]
-        out["test"][label] = {v: mixed_accuracy(model, tok, prompts[label], *variant(v, test[0], test[1]), test[2],
-                                                text_params=text_params) for v in variants}
+        out["test"][label] = {v: step(mixed_accuracy(model, tok, prompts[label], *variant(v, test[0], test[1]),
+                                                     test[2], text_params=text_params)) for v in variants}
     originals = {VISION: load_mllm(seed_dir / VISION), AUDIO: load_mllm(seed_dir / AUDIO)}
     for name, model in originals.items():
         row = {}
         for v in VARIANTS:
             images, audio = variant(v, test[0], test[1])
-            row[v] = accuracy(model, tok, TASKS[name], images if name == VISION else audio, test[2])
+            row[v] = step(accuracy(model, tok, TASKS[name], images if name == VISION else audio, test[2]))
         out["test"][f"original {name}, its own modality only"] = row
     for c in CHOICES:
-        out["ppl"][c] = perplexity(composed.text_model(c), tok, text, windows=windows)
+        out["ppl"][c] = step(perplexity(composed.text_model(c), tok, text, windows=windows))
+    bar.__exit__(None, None, None)
     d = f"MMER composed, text on {composed.text_params}"
     log(f"  seed expansion: default text {composed.text_params}: test " +
         ", ".join(f"{v} {out['test'][d][v]:.3f}" for v in VARIANTS) + f"; validation's best text choice: {best}")

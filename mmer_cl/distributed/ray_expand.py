@@ -23,7 +23,9 @@ the result is bit-identical to a local expand.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +38,43 @@ Progress = Callable[[int, int, str], None]
 
 
 class DistributedError(MmerError):
-    """A distributed expand could not run or did not finish; nothing was committed."""
+    """A distributed expand could not run or did not finish (a worker crashed, the cluster is unreachable);
+    nothing was committed. A runtime failure: exit 1."""
+
+    exit_code = 1
+
+
+class RayMissingError(DistributedError):
+    """Ray is not installed: fix the installation (exit 2, like other bad input)."""
+
+    exit_code = 2
+
+
+SHUTDOWN_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _shutdown_then_die(signum, _frame) -> None:
+    """On SIGTERM / SIGHUP: stop the local Ray cluster this driver started (raylet, GCS, workers), then die of
+    the same signal, so a killed `mmer expand --ray` leaves no Ray process behind."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - dying anyway; the signal below ends the process
+        pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def install_shutdown_handlers() -> None:
+    """Make SIGTERM and SIGHUP stop Ray first (Ctrl-C already does: it ends the command normally). Only where
+    nothing else handles them, and only from the main thread (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in SHUTDOWN_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _shutdown_then_die)
 
 
 @dataclass(frozen=True)
@@ -137,9 +175,10 @@ class RayRunner:
         try:
             import ray
         except ImportError:
-            raise DistributedError("Ray is not installed; pip install 'mmer-cl[ray]' (on the driver and on "
-                                   "every node of the cluster)") from None
+            raise RayMissingError("Ray is not installed; pip install 'mmer-cl[ray]' (on the driver and on "
+                                  "every node of the cluster)") from None
         if not ray.is_initialized():
+            install_shutdown_handlers()  # before ray.init: a kill while the cluster starts stops it too
             try:
                 ray.init(address=self.address, log_to_driver=False, **self.init_kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:

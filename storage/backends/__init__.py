@@ -34,8 +34,8 @@ class Backend(Protocol):
 
     location: str  # printable (credentials scrubbed)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Store ``data`` under ``key`` unless an object of that size is already there; True if written.
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing any object there (the blob store decides when to write).
 
         The object must appear whole or not at all under ``key``."""
 

@@ -12,19 +12,95 @@
   S3: the AWS environment variables, ``~/.aws/config`` and
   ``~/.aws/credentials``, including ``AWS_ENDPOINT_URL`` for S3-compatible
   servers). Nothing here stores or prints them: locations are shown scrubbed.
+- S3 waits are bounded: each connect and each read gives up after
+  ``MMER_S3_TIMEOUT`` seconds (default 15) and a request is tried
+  ``MMER_S3_ATTEMPTS`` times (default 3, botocore's standard retry mode, with
+  no second retry loop in s3fs), so a frozen server fails a command in about
+  a minute rather than seven. A server that does not answer, refuses the
+  connection or rejects the credentials is reported naming the bucket
+  (:class:`RemoteError`, exit 1), never as an internal error.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+import re
 import uuid
 from typing import Iterator
 
+from mmer_cl.errors import MmerError
 from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError, paged, scrub_url
 
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"}
 NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 TEMP_PREFIX = ".tmp-"
 KEEP_NAME = ".mmer-location"
+ENV_TIMEOUT, DEFAULT_TIMEOUT = "MMER_S3_TIMEOUT", 15.0  # seconds, per connect and per read
+ENV_ATTEMPTS, DEFAULT_ATTEMPTS = "MMER_S3_ATTEMPTS", 3  # tries of one request, the first included
+S3_PROTOCOLS = ("s3", "s3a")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CREDENTIALS_ADVICE = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or ~/.aws/credentials) "
+                      "in the environment of mmer")
+
+
+class RemoteError(BackendError, MmerError):
+    """The remote blob location failed during a command (unreachable, timed out, credentials refused)."""
+
+    exit_code = 1
+
+
+def s3_settings() -> tuple[float, int]:
+    """``(timeout seconds, attempts)`` from ``MMER_S3_TIMEOUT`` / ``MMER_S3_ATTEMPTS`` (checked)."""
+    raw_timeout, raw_attempts = os.environ.get(ENV_TIMEOUT, ""), os.environ.get(ENV_ATTEMPTS, "")
+    try:
+        timeout = float(raw_timeout) if raw_timeout.strip() else DEFAULT_TIMEOUT
+    except ValueError:
+        timeout = -1.0
+    if not (math.isfinite(timeout) and 0 < timeout <= 3600):
+        raise BackendError(f"{ENV_TIMEOUT}={raw_timeout!r} is not a number of seconds from 0 to 3600; "
+                           f"unset it for the default ({DEFAULT_TIMEOUT:g} s)")
+    try:
+        attempts = int(raw_attempts) if raw_attempts.strip() else DEFAULT_ATTEMPTS
+    except ValueError:
+        attempts = 0
+    if not 1 <= attempts <= 20:
+        raise BackendError(f"{ENV_ATTEMPTS}={raw_attempts!r} is not a whole number from 1 to 20; unset it for "
+                           f"the default ({DEFAULT_ATTEMPTS})")
+    return timeout, attempts
+
+
+def check_bucket_name(url: str) -> None:
+    """Refuse an S3 URL whose bucket name S3 would refuse (3-63 lowercase letters, digits, '.', '-')."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
+        raise BackendError(f"{bucket!r} is not a valid S3 bucket name (3-63 characters: lowercase letters, digits, "
+                           "'.' and '-', starting and ending with a letter or digit); check --objects "
+                           "(MMER_OBJECTS), e.g. s3://my-bucket/mmer")
+
+
+def _remote_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the remote side failing (network, timeout, server or credentials), not a bug."""
+    module = type(exc).__module__ or ""
+    return isinstance(exc, OSError) or module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs"))
+
+
+def _remote(what: str):
+    """Turn a remote failure inside the decorated method into a :class:`RemoteError` naming the location."""
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (FileNotFoundError, BackendError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - only remote failures are translated, the rest re-raised
+                if not _remote_failure(exc):
+                    raise
+                raise RemoteError(self.unreachable(what, exc)) from None
+        return call
+    return wrap
 
 
 class FsspecBackend:
@@ -43,11 +119,18 @@ class FsspecBackend:
                                "~/.aws/credentials)")
         protocol = url.split("://", 1)[0]
         options = {"use_listings_cache": False, "skip_instance_cache": True} if protocol in NO_LISTING_CACHE else {}
+        self.timeout, self.attempts = s3_settings()
+        if protocol in S3_PROTOCOLS:
+            check_bucket_name(url)
+            options["config_kwargs"] = {"connect_timeout": self.timeout, "read_timeout": self.timeout,
+                                        "retries": {"max_attempts": self.attempts, "mode": "standard"}}
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
             extra = " (pip install 'mmer-cl[s3]')" if protocol in ("s3", "s3a") else ""
             raise BackendError(f"cannot open blob location {self.location}: {exc}{extra}") from None
+        if protocol in S3_PROTOCOLS:
+            self.fs.retries = 1  # botocore retries (above); s3fs's own loop would multiply them
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.atomic_put = any(p in ATOMIC_PUT_PROTOCOLS for p in protocols)
@@ -58,15 +141,36 @@ class FsspecBackend:
                                    "only `mmer init` creates one")
             self._create()
 
+    def unreachable(self, what: str, exc: BaseException) -> str:
+        """The message for a remote failure while doing ``what``: which location, bucket and endpoint."""
+        name = type(exc).__name__
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+        bucket = self.root.split("/", 1)[0]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = f"bucket {bucket!r}" + (f" at {scrub_url(endpoint)}" if endpoint else "")
+        if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError") \
+                or "Unable to locate credentials" in text:
+            return f"no credentials for the blob location {self.location} ({where}): {CREDENTIALS_ADVICE}."
+        if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
+                or "SignatureDoesNotMatch" in text:
+            return (f"access to the blob location {self.location} ({where}) was denied ({text}); check the "
+                    "credentials (" + CREDENTIALS_ADVICE + ") and the bucket's permissions.")
+        timed_out = "timeout" in name.lower() or "timed out" in text.lower() or "timeout" in text.lower()
+        cause = (f"no answer within {self.timeout:g} s ({self.attempts} attempt(s))" if timed_out
+                 else f"{name}: {text}")
+        return (f"cannot {what} the blob location {self.location} ({where}): {cause}. Check that the server is "
+                f"up and reachable, then rerun (waits are set by {ENV_TIMEOUT} and {ENV_ATTEMPTS}). "
+                "The store is unchanged or fully updated (writes are atomic).")
+
     def _exists(self, path: str) -> bool:
         try:
             return self.fs.exists(path)
-        except PermissionError:
-            raise BackendError(f"access to {self.location} was denied; check the credentials in the standard "
-                               "environment / config of that filesystem") from None
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"cannot reach blob location {self.location}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a remote failure becomes a message naming the location
+            if not _remote_failure(exc) and not isinstance(exc, ValueError):
+                raise
+            raise BackendError(self.unreachable("reach", exc)) from None
 
+    @_remote("create")
     def _create(self) -> None:
         """Make the location exist: on object stores a prefix exists once it holds an object."""
         bucket = self.root.split("/", 1)[0]
@@ -95,25 +199,23 @@ class FsspecBackend:
                 pass
             raise
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        try:
-            if self.fs.size(path) == len(data):
-                return False
-        except FileNotFoundError:
-            pass
-        self._put(path, data)
-        return True
+    @_remote("write to")
+    def put(self, key: str, data: bytes) -> None:
+        self._put(self._path(key), data)
 
+    @_remote("read from")
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))
 
+    @_remote("read from")
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
 
+    @_remote("read from")
     def size(self, key: str) -> int:
         return self.fs.size(self._path(key))
 
+    @_remote("delete from")
     def delete(self, key: str) -> int:
         path = self._path(key)
         try:
@@ -123,6 +225,7 @@ class FsspecBackend:
             return 0
         return size
 
+    @_remote("list")
     def _ls(self, path: str) -> list[dict]:
         try:
             return self.fs.ls(path, detail=True)
@@ -144,6 +247,7 @@ class FsspecBackend:
                 if e.get("type") != "directory" and not name.startswith("."):
                     yield f"{prefix}/{name}", int(e.get("size") or 0)
 
+    @_remote("clean")
     def remove_temps(self) -> int:
         if self.atomic_put:
             return 0
@@ -153,11 +257,13 @@ class FsspecBackend:
             n += 1
         return n
 
+    @_remote("read from")
     def read_marker(self) -> bytes | None:
         try:
             return self.fs.cat_file(self._path(MARKER_NAME))
         except FileNotFoundError:
             return None
 
+    @_remote("write to")
     def write_marker(self, data: bytes) -> None:
         self._put(self._path(MARKER_NAME), data)

@@ -31,6 +31,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (no change, so safe beside the writer threads), else by
+    setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, data: bytes, faults: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
     try:
@@ -38,7 +53,7 @@ def _atomic_write(target: Path, data: bytes, faults: bool = False) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; blobs and the marker are readable like any store file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; blobs follow the umask like any file the user writes
         if faults:
             fault_point("blob.before_rename")
         os.replace(tmp, target)
@@ -65,13 +80,10 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put(self, key: str, data: bytes) -> None:
         target = self._path(key)
-        if target.exists() and target.stat().st_size == len(data):
-            return False
         target.parent.mkdir(exist_ok=True)
         _atomic_write(target, data, faults=True)
-        return True
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()

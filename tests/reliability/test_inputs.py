@@ -254,3 +254,145 @@ def test_max_change_must_be_finite_and_positive(trial, value):
     refused(run(trial["store"], "register", trial["speech"], "--name", "speech", "--modality", "speech",
                 "--max-change", value), "max-change", codes=(2,))
     log_trial("inputs", f"register --max-change {value}", True)
+
+
+# ---- issue 20 item 4: numbers from every source, passwords, concurrent init, free text ---------------
+@pytest.mark.parametrize("recipe", ["lambda_per_entry: {vision: .nan}", "lambda_per_entry: {vision: .inf}",
+                                    "lambda_per_entry: {vision: true}", "lambda_per_entry: {vision: -1}",
+                                    "density: .nan", "alpha: .inf", "density: true", "lambda: .nan",
+                                    "k: true", "seed: -1", "seed: 1.5"])
+def test_a_recipe_number_must_be_finite_and_in_range(trial, tmp_path, recipe):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe + "\n")
+    before = run(trial["store"], "versions", "--json").output
+    out = refused(run(trial["store"], "expand", "--config", path), codes=(2,))
+    field = recipe.split(":")[0].replace("lambda_per_entry", "vision")
+    assert field.split("_")[0] in out or "lambda" in out, out
+    assert run(trial["store"], "versions", "--json").output == before
+    assert run(trial["store"], "show", "--json").exit_code == 0
+    log_trial("inputs", f"recipe {recipe}", True)
+
+
+@pytest.mark.parametrize("kwargs, named", [({"lam_per_entry": {"vision": float("nan")}}, "vision"),
+                                           ({"lam_per_entry": {"vision": True}}, "vision"),
+                                           ({"lam_per_entry": {"vision": float("inf")}}, "vision"),
+                                           ({"lam_per_entry": [0.5]}, "lambda_per_entry"),
+                                           ({"density": float("nan")}, "density"), ({"alpha": True}, "alpha"),
+                                           ({"lam": float("-inf")}, "lambda"), ({"k": 2.0}, "k"),
+                                           ({"seed": -3}, "seed"), ({"density": "0.5"}, "density")])
+def test_merge_params_from_the_python_api_are_checked(kwargs, named):
+    from mmer_cl.errors import ConfigError
+    from mmer_cl.params import MergeParams
+
+    with pytest.raises(ConfigError) as info:
+        MergeParams(**kwargs)
+    assert named in str(info.value), str(info.value)
+
+
+def test_the_registry_never_stores_nan(tmp_path):
+    from registry import Registry, RegistryError
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    with pytest.raises(RegistryError, match="finite"):
+        reg.record("t", "note", "x", "", "", {"value": float("nan")})
+    reg.close()
+
+
+SECRET_URLS = ["postgresql+nodriver://u:pw1secret@h/db", "mysql://root:pw2secret@127.0.0.1:1/db",
+               "postgresql://u:pw3secret@h:notaport/db", "postgresql://u:pw4secret@[::1/db",
+               "postgresql://u:pw5%40secret@127.0.0.1:1/db", "foo://u:pw6secret@h/db",
+               "postgresql://u:p@pw7secret@127.0.0.1:1/db", "postgresql://127.0.0.1:1/db?password=pw8secret",
+               "postgresql://u:pw9/secret@127.0.0.1:1/db", "sqlite:///u:pw10secret@/nonexistent/x.db"]
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+@pytest.mark.parametrize("command", [["versions"], ["init", "--base", "BASE"]])
+def test_no_password_in_any_message_for_any_url(family, tmp_path, url, command):
+    from registry.urls import shown_url
+
+    secret = next(part for part in url.replace("%40", "@").replace("/", "@").replace("=", "@").split("@")
+                  if "secret" in part).split(":")[-1]
+    args = [str(family / "base") if a == "BASE" else a for a in command]
+    out = refused(CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "--db-url", url, "-q", *args]))
+    assert "internal error" not in out, out
+    assert secret not in out and "secret" not in out.replace("secret_key", ""), out
+    assert "secret" not in shown_url(url)
+    log_trial("inputs", f"password masked: {url.split('://')[0]} ({command[0]})", True)
+
+
+def test_shown_url_masks_what_sqlalchemy_cannot_parse():
+    from registry.urls import scrub, secrets_of, shown_url
+
+    assert shown_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert shown_url("postgresql://u:p@ss/w@h:x/db") == "postgresql://u:***@h:x/db"
+    assert shown_url("sqlite:////tmp/a@b/registry.db") == "sqlite:////tmp/a@b/registry.db"
+    assert shown_url("postgresql://h/db?sslmode=require&password=abc") == \
+        "postgresql://h/db?sslmode=require&password=***"
+    assert "hunter22" in secrets_of("postgresql://u:hunter22@h/db")
+    assert scrub("failed to resolve host 'xyzzy99@h'", ("postgresql://u:p@xyzzy99@h/db",)) == \
+        "failed to resolve host '***@h'"
+
+
+def test_two_first_inits_of_one_store_at_once(family, tmp_path):
+    """Both start together, several rounds: each either creates the store or joins it (exit 0), or fails
+    with a true message; never "cannot reach the registry ... already exists"."""
+    import subprocess
+    import sys
+
+    from harness import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MMER_ACTOR": "t"}
+    for round_ in range(4):
+        store = tmp_path / f"s{round_}"
+        gate = tmp_path / f"go{round_}"
+        code = ("import os,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
+                "from mmer_cl.cli import main\nsys.argv=['mmer','--store',sys.argv[2],'-q','init','--base',"
+                "sys.argv[3]]\nmain()")
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(gate), str(store), str(family / "base")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+        import time
+        time.sleep(6)  # both have imported mmer-cl and wait at the gate
+        gate.touch()
+        outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+        for rc, out in outs:
+            assert "already exists" not in out and "cannot reach" not in out and "Traceback" not in out, out
+        assert [rc for rc, _ in outs].count(0) >= 1, outs
+        from mmer_cl.store import Store
+
+        with Store.open(store) as s:
+            assert len(s.registry.bases()) == 1 and s.audit().ok
+    log_trial("concurrency", "two first inits of one store", True)
+
+
+@pytest.mark.parametrize("how", ["--actor", "MMER_ACTOR", "tag", "description", "tag key"])
+@pytest.mark.parametrize("text", ["ana\n2026-01-01 00:00:00  root  remove  entry vision", "ana\x1b[2J",
+                                  "ana\r", "ana\u202e", "x" * 129])
+def test_free_text_cannot_forge_history_or_drive_the_terminal(trial, how, text):
+    if how == "tag" and len(text) == 129:
+        text = "x" * 1001
+    if how == "description" and len(text) == 129:
+        text = "x" * 10_001
+    before = run(trial["store"], "history", "--json").output
+    store = str(trial["store"])
+    if how == "--actor":
+        result = CliRunner().invoke(cli, ["--store", store, "--actor", text, "-q", "tag", "stage=x"])
+    elif how == "MMER_ACTOR":
+        result = CliRunner().invoke(cli, ["--store", store, "-q", "tag", "stage=x"], env={"MMER_ACTOR": text})
+    elif how == "tag":
+        result = run(store, "tag", f"stage={text}")
+    elif how == "tag key":
+        result = run(store, "tag", f"{text}=x")
+    else:
+        result = run(store, "describe", text)
+    out = refused(result, codes=(2,))
+    assert "\x1b" not in out and "\u202e" not in out
+    assert run(trial["store"], "history", "--json").output == before
+    log_trial("inputs", f"{how} {text[:12]!r}", True)
+
+
+def test_printable_text_is_still_accepted(trial):
+    assert run(trial["store"], "--actor", "Ana María (ops)", "tag", "stage=prod ready: yes").exit_code == 0
+    assert run(trial["store"], "describe", "Vision + audio, λ=0.8 — «reviewed»").exit_code == 0
+    hist = json.loads(run(trial["store"], "history", "--json").output)
+    assert any(e["actor"] == "Ana María (ops)" for e in hist)

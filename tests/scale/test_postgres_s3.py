@@ -171,3 +171,64 @@ def test_a_registry_paired_with_another_stores_bucket_is_refused(family, postgre
     assert "belongs to store" in out and stores["a"][1] in out and "hunter2" not in out
     with Store.open(tmp_path, url=stores["a"][0], objects=stores["a"][1]) as store:  # the right pair still opens
         assert store.audit().ok
+
+
+def test_damaged_rows_on_postgresql_never_make_gc_delete_live_blobs_on_s3(family, pg_url, bucket_url, tmp_path):
+    """Issue 20, item 1, on a shared registry and a bucket: manifests in the bucket, rows in PostgreSQL."""
+    remote = cli_runner("--store", tmp_path / "unused", "--db-url", pg_url, "--objects", bucket_url)
+    remote("init", "--base", family / "base")
+    remote("register", family / "vision", "--name", "vision", "--modality", "vision")
+    remote("register", family / "audio", "--name", "audio", "--modality", "audio")
+    remote("expand")
+    remote("export", "--entry", "audio", tmp_path / "before")
+    store = Store.open(tmp_path / "unused", url=pg_url, objects=bucket_url)
+    live = set(store.registry.blob_owners())
+    assert all(f.manifest for f in [*store.registry.entry_facts(), *store.registry.version_facts()])
+    engine = store.registry.engine
+    with engine.begin() as conn:  # a backup of the rows about to go
+        saved = conn.execute(text("SELECT * FROM version_blobs ORDER BY id LIMIT 5")).mappings().all()
+        conn.execute(text("DELETE FROM version_blobs WHERE id IN (SELECT id FROM version_blobs ORDER BY id LIMIT 5)"))
+    assert "5 blob row(s) of its manifest are missing" in remote("audit", code=1)
+    assert "refusing to run gc" in remote("gc", code=1)
+    assert live <= set(store.blobs.digests())
+    with engine.begin() as conn:  # restored
+        for row in saved:
+            conn.execute(text("INSERT INTO version_blobs (id, version_id, entry_id, role, key, digest, stored_bytes, "
+                              "raw_bytes) VALUES (:id, :version_id, :entry_id, :role, :key, :digest, :stored_bytes, "
+                              ":raw_bytes)"), dict(row))
+    assert "ok:" in remote("audit")
+    remote("export", "--entry", "audio", tmp_path / "after")
+    assert weights_digest(tmp_path / "after") == weights_digest(tmp_path / "before")
+    # a running export holds the export lock (shared advisory lock): gc leaves its partial directory
+    with store._export_lock():
+        partial = tmp_path / ".out.running.partial"
+        partial.mkdir()
+        (partial / ".mmer-export.json").write_text('{"mmer_export": 1}')
+        store.registry.record("t", "export", str(tmp_path / "out"), "", "", {"target": str(tmp_path / "out")})
+        assert "0 partial exports" in remote("gc") and partial.exists()
+    assert "1 partial exports" in remote("gc") and not partial.exists()
+    store.close()
+
+
+def test_a_schema_3_registry_on_postgresql_is_migrated_and_its_rows_described(family, pg_url, bucket_url,
+                                                                              tmp_path):
+    from registry.postgres import normalise_url
+
+    remote = cli_runner("--store", tmp_path / "unused", "--db-url", pg_url, "--objects", bucket_url)
+    remote("init", "--base", family / "base")
+    remote("register", family / "vision", "--name", "vision", "--modality", "vision")
+    remote("expand")
+    remote("export", "--entry", "vision", tmp_path / "before")
+    engine = create_engine(normalise_url(pg_url))
+    with engine.begin() as conn:  # as the previous release left it
+        conn.execute(text("ALTER TABLE entries DROP COLUMN manifest"))
+        conn.execute(text("ALTER TABLE versions DROP COLUMN manifest"))
+        conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    engine.dispose()
+    with Store.open(tmp_path / "unused", url=pg_url, objects=bucket_url) as store:
+        assert store.registry.schema_version() == 4 and store.registry.manifests_complete()
+        assert all(f.manifest for f in [*store.registry.entry_facts(), *store.registry.version_facts()])
+        assert store.audit().ok
+    remote("export", "--entry", "vision", tmp_path / "after")
+    assert weights_digest(tmp_path / "after") == weights_digest(tmp_path / "before")
+    assert "removed 0 blobs" in remote("gc")

@@ -60,7 +60,7 @@ from mmer_cl.precision import working_dtype
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-PEFT_INSTALL = "pip install 'mmer-cl[peft]'"
+PEFT_INSTALL = "pip install -e '.[peft]' in a clone of mmer-cl"
 _LORA_PART = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 # peft saves embedding factors as bare parameters: ``X.lora_embedding_A`` (or ``X.lora_embedding_A.<adapter>``)
 _EMBEDDING_PART = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)"

@@ -106,8 +106,10 @@ def disk_usage(store: "Store") -> dict:
             for r in reg.version_blobs(v.id):
                 kind = "masks" if r.role == "mask" else "merged" if r.role == "merged" else "legacy_accumulators"
                 kinds.setdefault(r.digest, kind)
+    for digest in reg.manifest_digests():  # what gc keeps: the immutable descriptions of rows
+        kinds.setdefault(digest, "manifests")
     usage = {k: 0 for k in ("task_vectors", "references", "merged", "masks", "legacy_accumulators", "modality_sides",
-                            "non_weight_files", "other_entry_blobs", "unreferenced_blobs")}
+                            "non_weight_files", "other_entry_blobs", "manifests", "unreferenced_blobs")}
     files = 0
     for page in store.blobs.pages():  # sizes come with the listing: no request per blob on a bucket
         for digest, size in page:
@@ -239,7 +241,8 @@ def format_report(r: dict) -> str:
               ("masks", "masks, all versions"), ("modality_sides", "modality sides (encoders, projectors)"),
               ("non_weight_files", "non-weight files (configs, tokenizers)"),
               ("legacy_accumulators", "accumulators (stores from mmer-cl 0.1)"),
-              ("other_entry_blobs", "other entry blobs"), ("unreferenced_blobs", "unreferenced (run `mmer gc`)"),
+              ("other_entry_blobs", "other entry blobs"), ("manifests", "manifests (what audit checks rows against)"),
+              ("unreferenced_blobs", "unreferenced (run `mmer gc`)"),
               ("registry", "registry database"), ("directories_and_other", "directories, lock, markers")]
     lines += [f"  {label:<44}{hb(disk[key]):>12}" for key, label in labels if disk.get(key)]
     full = r["full_copies_total_bytes"]

@@ -103,7 +103,7 @@ class Registry:
             self.engine: Engine = create_engine(self.url)
         except ImportError as exc:
             raise RegistryError(f"the registry URL {shown_url(url)} needs a database driver that is not installed "
-                                f"({exc}); for PostgreSQL: pip install 'mmer-cl[postgres]'") from None
+                                f"({exc}); for PostgreSQL: pip install -e '.[postgres]' in a clone of mmer-cl") from None
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -32,7 +32,7 @@ from mmer_cl import MergeParams
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.store import Store
 
-peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install 'mmer-cl[peft]')")
+peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install -e '.[peft]' in a clone of mmer-cl)")
 transformers = pytest.importorskip("transformers")
 
 FAST_SEEDS = range(4)

@@ -1,15 +1,22 @@
 """The lifelong benchmark: structured fine-tunes as described, and a run that reports every arrival."""
 
 import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
-import lifelong  # noqa: E402
+def _bench_module():
+    """bench/lifelong.py under a name of its own: ``import lifelong`` is examples/lifelong.py elsewhere."""
+    spec = importlib.util.spec_from_file_location("bench_lifelong", Path(__file__).parents[1] / "bench" / "lifelong.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lifelong = _bench_module()
 
 
 def test_a_fine_tune_is_a_small_structured_change_with_many_weights_left_bit_identical(tmp_path):

@@ -23,7 +23,7 @@ from mmer_cl.errors import CheckpointError
 from mmer_cl.lora import LoraCheckpoint
 from mmer_cl.store import Store
 
-peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install 'mmer-cl[peft]')")
+peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install -e '.[peft]' in a clone of mmer-cl)")
 transformers = pytest.importorskip("transformers")
 
 EXACT = MergeParams(density=1.0)  # one entry, nothing trimmed: the export must be the adapter merged

@@ -83,13 +83,46 @@ class AudioEncoder(nn.Module):
         return torch.nn.functional.gelu(self.out(torch.cat([h.mean(-1), h.amax(-1)], dim=-1)))
 
 
+class PointCloudEncoder(nn.Module):
+    """A PointNet-style encoder: a shared MLP per point, then max and mean pooling over the points."""
+
+    def __init__(self, cfg: TinyMLLMConfig):
+        super().__init__()
+        dims, h = cfg.feature_shape[-1], cfg.encoder_hidden
+        self.point = nn.Sequential(nn.Linear(dims, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
+        self.out = nn.Linear(2 * h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, points, dims)
+        h = self.point(x)
+        return torch.nn.functional.gelu(self.out(torch.cat([h.mean(1), h.amax(1)], dim=-1)))
+
+
+class VideoEncoder(nn.Module):
+    """A shared MLP per frame (frames are flattened images), then mean and max pooling over time."""
+
+    def __init__(self, cfg: TinyMLLMConfig):
+        super().__init__()
+        pixels, h = math.prod(cfg.feature_shape[1:]), cfg.encoder_hidden
+        self.frame = nn.Sequential(nn.Linear(pixels, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
+        self.out = nn.Linear(2 * h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, frames, pixels)
+        h = self.frame(x.flatten(2))
+        return torch.nn.functional.gelu(self.out(torch.cat([h.mean(1), h.amax(1)], dim=-1)))
+
+
+# the encoder class of each modality; any other modality (vision, tabular) gets the MLP over its flattened features
+ENCODERS = {"audio": AudioEncoder, "timeseries": AudioEncoder, "pointcloud": PointCloudEncoder,
+            "video": VideoEncoder}
+
+
 class TinyMLLM(PreTrainedModel):
     config_class = TinyMLLMConfig
     _no_split_modules = ["LlamaDecoderLayer"]
 
     def __init__(self, config: TinyMLLMConfig):
         super().__init__(config)
-        self.encoder = (AudioEncoder if config.modality == "audio" else VisionEncoder)(config)
+        self.encoder = ENCODERS.get(config.modality, VisionEncoder)(config)
         hidden = config.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(config.encoder_hidden, hidden * config.prefix_tokens))
         self.language_model = LlamaForCausalLM(config.text_config)

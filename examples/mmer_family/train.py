@@ -66,8 +66,12 @@ def pretrain_base(out_dir: Path, steps: int = 2000, seed: int = 0, seq: int = 12
 
 
 def finetune(base_dir: Path, task: Task, out_dir: Path, steps: int = 600, seed: int = 0, batch: int = 64,
-             lr_llm: float = 3e-4, lr_side: float = 3e-3, init_from: Path | None = None, log=print) -> TinyMLLM:
-    """Full fine-tuning of the LLM plus the task's encoder and projector."""
+             lr_llm: float = 3e-4, lr_side: float = 3e-3, init_from: Path | None = None,
+             encoder_hidden: int = 128, log=print) -> TinyMLLM:
+    """Full fine-tuning of the LLM plus the task's encoder and projector (of width ``encoder_hidden``).
+
+    ``base_dir`` holds the LLM to start from (and its tokenizer): the base, or any LLM saved beside a tokenizer.
+    """
     torch.manual_seed(seed)
     tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
     if init_from is not None:
@@ -75,7 +79,7 @@ def finetune(base_dir: Path, task: Task, out_dir: Path, steps: int = 600, seed: 
     else:
         base = LlamaForCausalLM.from_pretrained(base_dir)
         cfg = TinyMLLMConfig(text_config=base.config, modality=task.modality, feature_shape=task.feature_shape,
-                             architectures=["TinyMLLM"])
+                             encoder_hidden=encoder_hidden, architectures=["TinyMLLM"])
         model = TinyMLLM(cfg)
         model.language_model.load_state_dict(base.state_dict())
     train = task.splits()["train"]

@@ -175,7 +175,7 @@ class RayRunner:
         try:
             import ray
         except ImportError:
-            raise RayMissingError("Ray is not installed; pip install 'mmer-cl[ray]' (on the driver and on "
+            raise RayMissingError("Ray is not installed; pip install -e '.[ray]' in a clone of mmer-cl (on the driver and on "
                                   "every node of the cluster)") from None
         if not ray.is_initialized():
             install_shutdown_handlers()  # before ray.init: a kill while the cluster starts stops it too

@@ -110,7 +110,7 @@ class FsspecBackend:
         try:
             import fsspec
         except ImportError:  # pragma: no cover - fsspec is a dependency of the extras
-            raise BackendError("blob locations given as URLs need fsspec: pip install 'mmer-cl[s3]'") from None
+            raise BackendError("blob locations given as URLs need fsspec: pip install -e '.[s3]' in a clone of mmer-cl") from None
         self.location = scrub_url(url)
         if self.location != url:
             raise BackendError(f"credentials in a blob location URL are refused ({self.location}): they would end "
@@ -127,7 +127,7 @@ class FsspecBackend:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
-            extra = " (pip install 'mmer-cl[s3]')" if protocol in ("s3", "s3a") else ""
+            extra = " (pip install -e '.[s3]' in a clone of mmer-cl)" if protocol in ("s3", "s3a") else ""
             raise BackendError(f"cannot open blob location {self.location}: {exc}{extra}") from None
         if protocol in S3_PROTOCOLS:
             self.fs.retries = 1  # botocore retries (above); s3fs's own loop would multiply them

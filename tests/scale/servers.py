@@ -78,7 +78,7 @@ def start_postgres() -> Postgres:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        raise Unavailable("psycopg is not installed (pip install 'mmer-cl[postgres]')") from None
+        raise Unavailable("psycopg is not installed (pip install -e '.[postgres]' in a clone of mmer-cl)") from None
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     as_user: list[str] = []
     top = Path(tempfile.mkdtemp(prefix="mmer-pg-"))
@@ -134,7 +134,7 @@ def start_s3() -> S3:
         from moto.server import ThreadedMotoServer
         import s3fs  # noqa: F401
     except ImportError as exc:
-        raise Unavailable(f"{exc.name} is not installed (pip install 'mmer-cl[s3]' 'moto[server]')") from None
+        raise Unavailable(f"{exc.name} is not installed (pip install -e '.[s3]' in a clone of mmer-cl 'moto[server]')") from None
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -160,7 +160,7 @@ def start_ray(num_cpus: int = 2) -> RayCluster:
     try:
         import ray
     except ImportError:
-        raise Unavailable("ray is not installed (pip install 'mmer-cl[ray]')") from None
+        raise Unavailable("ray is not installed (pip install -e '.[ray]' in a clone of mmer-cl)") from None
     # Workers import this checkout's packages, whatever is installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p)
     ctx = ray.init(address="local", num_cpus=num_cpus, object_store_memory=200 * 2**20, include_dashboard=False,

@@ -18,7 +18,7 @@ DRIVER = Path(__file__).with_name("ray_driver.py")
 
 @pytest.fixture
 def registered(family, tmp_path):
-    pytest.importorskip("ray", reason="ray is not installed (pip install 'mmer-cl[ray]')")
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]' in a clone of mmer-cl)")
     with Store.init(tmp_path / "store", family / "base") as store:
         store.register(family / "vision", "vision", "vision")
     return tmp_path / "store"

@@ -15,6 +15,9 @@ The export lock keeps exports and ``gc`` apart: every export holds it shared
 ``pg_advisory_lock_shared`` on a second key) while its partial directory
 exists; ``gc`` tries to take it exclusively, without waiting, before removing
 partial directories, and knows from a refusal that an export is running.
+
+Hand-written rather than ``filelock``: filelock has no shared mode, which the export lock needs, and the
+same three shapes (exclusive, shared, exclusive-if-free-now) must also map onto PostgreSQL advisory locks.
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, l
 
 
 def format_report(r: dict) -> str:
-    """The report as text tables for the terminal."""
+    """The report as text tables for the terminal (plain aligned lines, not rich: they are copied into
+    READMEs and logs, where rich's box characters and terminal-width wrapping get in the way)."""
     p, hb = r["params"], human_bytes
     n = len(r["entries"])
     disk, dep, keep = r["on_disk"], r["deployment"], r["remerge"]

@@ -13,6 +13,9 @@ append a step here, and add a test that opens a registry of the previous
 version (``tests/test_migrations.py``). Each applied step writes a ``migrate`` event to the audit log in
 its transaction. Prefer new tables and added columns
 with defaults; never rewrite or drop what older releases wrote.
+
+Hand-written rather than Alembic: three small steps keyed on the ``schema_version`` that every registry since
+0.1 already carries in ``meta``; Alembic would add its own version table that older stores lack.
 """
 
 from __future__ import annotations

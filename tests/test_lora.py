@@ -154,7 +154,7 @@ def test_adapter_on_a_multimodal_model_keeps_its_encoder_and_saved_projector(tmp
 def test_unsupported_adapters_say_how_to_merge_them_with_peft(tmp_path):
     (tmp_path / "dora").mkdir()
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(CheckpointError, match=r"pip install 'mmer-cl\[peft\]'.*merge_and_unload"):
+    with pytest.raises(CheckpointError, match=r"pip install -e '\.\[peft\]'.*merge_and_unload"):
         LoraCheckpoint(tmp_path / "dora")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))

@@ -109,7 +109,9 @@ def change(name: str, base, which: int, scale: float, shared_rank: int = 8, task
     row_scale = torch.exp(1.5 * (0.8 * torch.randn(rows, 1, generator=gs) + 0.6 * torch.randn(rows, 1, generator=g)))
     heavy = torch.zeros(rows, cols)
     at = torch.rand(rows, cols, generator=g) < sparse
-    heavy[at] = torch.randn(int(at.sum()), generator=g) / torch.rand(int(at.sum()), generator=g).sqrt()  # heavy tails
+    # heavy tails; a uniform draw of exactly 0 (its smallest step is 2**-24) would give inf
+    heavy[at] = torch.randn(int(at.sum()), generator=g) / torch.rand(int(at.sum()), generator=g).clamp(
+        min=2.0 ** -24).sqrt()
     return scale * std * _unit(low_rank * row_scale + 0.3 * _unit(heavy) * row_scale.mean())
 
 

@@ -287,11 +287,15 @@ def init(obj: Ctx, base_path: str, name: str | None) -> None:
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag on the entry (repeatable).")
 @click.option("--reference", is_flag=True, help="Keep the checkpoint's path and per-tensor sha256 instead of a copy "
               "of its task vector (the checkpoint must then stay where it is, unchanged).")
+@click.option("--codec", default="lossless", show_default=True, metavar="lossless|bitdelta",
+              help="How the LLM delta is stored: lossless (the exact task vector, merged by expand) or bitdelta "
+              "(the sign of each matrix's change plus one scale per matrix: about 1 bit per parameter against 16-32 "
+              "for the exact task vector; lossy, never merged, served from its own delta at every version).")
 @click.option("--base", help="Base name, when the store holds several.")
 @click.pass_obj
 def register(obj: Ctx, checkpoint: str, name: str, modality: str | None, task: str | None, llm_prefix: str | None,
              max_change: float, update: bool, description: str, tags: tuple[str, ...], reference: bool,
-             base: str | None) -> None:
+             codec: str, base: str | None) -> None:
     """Record a fine-tuned multimodal checkpoint (or a peft LoRA adapter) as a new entry.
 
     CHECKPOINT is a directory (safetensors) or a Hub id ORG/NAME already in the
@@ -304,10 +308,14 @@ def register(obj: Ctx, checkpoint: str, name: str, modality: str | None, task: s
     keeps the entry's modality and task unless given. Run `expand` afterwards.
     With --reference the task vector is not copied: expansions read the
     checkpoint again, checking every tensor's sha256 (exports never need it).
+    With --codec bitdelta only the sign of each LLM matrix's change and one
+    scale per matrix are kept (1-D tensors exactly): lossy, and never merged;
+    `export --entry NAME` serves base + that delta at every version.
 
     \b
     Examples:
       mmer register ./llava-vision --name vision --modality vision --task vqa
+      mmer register ./llava-audio --name audio --modality audio --codec bitdelta
       mmer register /models/llava-audio --name audio --modality audio --reference
       mmer register ./lora-adapter --name chat --modality text --tag owner=ana
       mmer register ./llava-vision-v2 --name vision --update
@@ -324,11 +332,17 @@ def register(obj: Ctx, checkpoint: str, name: str, modality: str | None, task: s
         raise click.BadParameter(f"must be a finite number > 0, got {max_change}", param_hint="--max-change")
     if modality is None and not update:
         raise click.UsageError("give the entry's modality: --modality vision (or audio, video, text, ...)")
+    if codec not in ("lossless", "bitdelta"):
+        raise click.BadParameter(f"{codec!r} is not a codec; choose lossless (the exact task vector, the default) "
+                                 "or bitdelta (1-bit deltas: lossy, never merged)", param_hint="--codec")
+    if codec != "lossless" and reference:
+        raise click.UsageError("--reference keeps the checkpoint itself and --codec bitdelta a 1-bit copy of its "
+                               "delta; choose one")
     path = resolve_checkpoint(checkpoint)
     with obj.open() as store, obj.progress(f"registering {name}") as bar:
         result = store.register(path, name, modality, task, llm_prefix=llm_prefix, base=base,
                                 actor=obj.actor, max_relative_change=max_change, progress=bar, update=update,
-                                description=description, tags=parsed_tags, reference=reference)
+                                description=description, tags=parsed_tags, reference=reference, codec=codec)
     if result.skipped_files:
         click.echo(f"warning: not copied from {checkpoint} (not a known config, tokenizer, processor, template or "
                    f"model card file): {', '.join(result.skipped_files)}", err=True)
@@ -341,8 +355,10 @@ def register(obj: Ctx, checkpoint: str, name: str, modality: str | None, task: s
         click.echo(f"already registered as entry {e.label!r}; nothing changed")
         return
     rev = f" revision {e.revision}" if e.revision > 1 else ""
+    lossy = (f"; stored as 1-bit deltas (lossy, never merged: `mmer export --entry {e.label}` serves it)"
+             if e.codec == "bitdelta" else "")
     click.echo(f"registered {name!r}{rev} ({e.modality}/{e.task}): {result.keymap_summary}; "
-               f"relative change {e.stats['relative_change']:.4f}")
+               f"relative change {e.stats['relative_change']:.4f}{lossy}")
 
 
 @cli.command()
@@ -489,9 +505,10 @@ def entries(obj: Ctx, include_removed: bool, base: str | None, as_json: bool) ->
     rows = []
     for e in es:
         state = "" if e.active else ("(superseded)" if e.superseded_by else "(removed)")
-        rows.append([e.name, Right(f"r{e.revision}"), e.modality, e.task, f"{e.created_at:%Y-%m-%d %H:%M}",
+        codec = "bitdelta (lossy)" if e.codec == "bitdelta" else e.codec
+        rows.append([e.name, Right(f"r{e.revision}"), e.modality, e.task, codec, f"{e.created_at:%Y-%m-%d %H:%M}",
                      ", ".join(f"{k}={v}" for k, v in e.tags.items()), e.source_path, state])
-    click.echo(render_table(["entry", "rev", "modality", "task", "created", "tags", "source", ""], rows))
+    click.echo(render_table(["entry", "rev", "modality", "task", "codec", "created", "tags", "source", ""], rows))
 
 
 @cli.command()
@@ -579,16 +596,21 @@ def export(obj: Ctx, out_dir: Path, entry: str | None, text: bool, version: str 
 
         validate_name(entry, "entry name")
     with obj.open() as store, obj.progress("exporting") as bar:
+        one_bit = store.bitdelta_entry(entry, version, base) if entry is not None else None
         if text:
             store.export_text(out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
                               progress=bar, actor=obj.actor)
         else:
             store.export(entry, out_dir, version=version, base=base, overwrite=force, max_shard_bytes=shard,
                          use_mask=not no_mask, progress=bar, actor=obj.actor)
-        number = store.version(version, base).number
+        number = None if one_bit is not None else store.version(version, base).number
+    codec = None if text else "bitdelta" if one_bit is not None else "lossless"
     if obj.json:
-        emit_json({"path": str(out_dir), "entry": entry, "text": text, "version": number,
+        emit_json({"path": str(out_dir), "entry": entry, "text": text, "version": number, "codec": codec,
                    "files": sorted(p.name for p in Path(out_dir).iterdir())})
+        return
+    if one_bit is not None:
+        click.echo(f"wrote {out_dir} (entry {entry} rebuilt from its 1-bit delta: lossy, the same at every version)")
         return
     click.echo(f"wrote {out_dir} (version {number}; its recipe: {Path(out_dir) / 'mmer-recipe.yaml'})")
 

@@ -7,7 +7,7 @@ parameter tensor at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -30,9 +30,10 @@ class TensorExpansion:
     """
 
     merged: torch.Tensor
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor | None]  # None where only the count kept was asked for (expand_tensor_streamed)
     thresholds: list[TrimThreshold | None]
     abs_sums: list[tuple[float, float]]
+    kept: list[int] | None = None  # per model, how many positions its mask keeps (when computed already)
 
 
 def accumulate(taus: Sequence[torch.Tensor], density: float,
@@ -51,24 +52,39 @@ def _pieces(n: int) -> list[slice]:
     return [slice(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
 
 
+class _Fold:
+    """The sums of :class:`TiesAccumulator`, in place: trimmed vectors folded in one at a time, in order."""
+
+    def __init__(self, like: torch.Tensor, members: int):
+        self.pos, self.neg = torch.empty_like(like).zero_(), torch.empty_like(like).zero_()
+        self.scratch = torch.empty_like(like)
+        counts = torch.int8 if members < 128 else torch.int32  # exact either way; int8 moves a quarter of the bytes
+        self.n_pos = torch.empty(like.shape, dtype=counts, device=like.device).zero_()
+        self.n_neg = torch.empty_like(self.n_pos).zero_()
+
+    def add(self, hat: torch.Tensor) -> None:
+        self.pos.add_(torch.clamp(hat, min=0, out=self.scratch))
+        self.neg.add_(torch.clamp(hat, max=0, out=self.scratch))
+        self.n_pos.add_(hat > 0)
+        self.n_neg.add_(hat < 0)
+
+    def merged(self, alpha: float) -> torch.Tensor:
+        """The disjoint mean on the elected sign, times ``alpha`` (the fold's buffers are used up)."""
+        pos, neg = self.pos, self.neg
+        total = torch.add(pos, neg, out=self.scratch)
+        pos.div_(self.n_pos.clamp_(min=1))
+        neg.div_(self.n_neg.clamp_(min=1))
+        merged = torch.where(total > 0, pos, torch.where(total < 0, neg, torch.zeros((), dtype=pos.dtype,
+                                                                                      device=pos.device)))
+        return merged if alpha == 1.0 else alpha * merged
+
+
 def _fold(hats: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """``alpha * tau_m`` of trimmed vectors: the sums of :class:`TiesAccumulator`, in the same order, in place."""
-    first = hats[0]
-    pos, neg, scratch = torch.empty_like(first).zero_(), torch.empty_like(first).zero_(), torch.empty_like(first)
-    counts = torch.int8 if len(hats) < 128 else torch.int32  # exact either way; int8 moves a quarter of the bytes
-    n_pos = torch.empty(first.shape, dtype=counts, device=first.device).zero_()
-    n_neg = torch.empty_like(n_pos).zero_()
+    fold = _Fold(hats[0], len(hats))
     for hat in hats:
-        pos.add_(torch.clamp(hat, min=0, out=scratch))
-        neg.add_(torch.clamp(hat, max=0, out=scratch))
-        n_pos.add_(hat > 0)
-        n_neg.add_(hat < 0)
-    total = torch.add(pos, neg, out=scratch)
-    pos.div_(n_pos.clamp_(min=1))
-    neg.div_(n_neg.clamp_(min=1))
-    merged = torch.where(total > 0, pos, torch.where(total < 0, neg, torch.zeros((), dtype=pos.dtype,
-                                                                                  device=pos.device)))
-    return merged if alpha == 1.0 else alpha * merged
+        fold.add(hat)
+    return fold.merged(alpha)
 
 
 def ties_from_thresholds(taus: Sequence[torch.Tensor], thresholds: Sequence[TrimThreshold],
@@ -102,6 +118,54 @@ def masks_in_pieces(rule: str, taus: Sequence[torch.Tensor], merged: torch.Tenso
         for out, m in zip(masks, compute_masks(rule, [t[piece] for t in flat], flat_merged[piece], lam=lam, k=k)):
             out[piece] = m
     return [m.reshape(merged.shape) for m in masks]
+
+
+def expand_tensor_streamed(
+    taus: Callable[[], Iterable[torch.Tensor]],
+    count: int,
+    params: MergeParams,
+    tensor_name: str = "",
+    thresholds: Sequence[TrimThreshold | None] | None = None,
+    lams: Sequence[float] | None = None,
+    keep_masks: bool = True,
+) -> TensorExpansion:
+    """:func:`expand_tensor` (``ties``, elementwise mask rules) holding one task vector at a time, not all.
+
+    ``taus()`` yields the ``count`` task vectors in merge order; it is called twice: once to trim and
+    fold them into the merged vector, once to mask each against it. The sums are added in the same
+    order as :func:`ties_from_thresholds` adds them, so the bits are the same; the memory is the fold's
+    (10 bytes per parameter) and one or two task vectors, whatever ``count``. Without ``keep_masks``
+    only each mask's count of kept positions (``kept``) is returned, not the masks.
+    """
+    if not params.incremental or params.mask_rule not in ("mmer", "emr"):
+        raise ValueError("streamed expansion needs the ties method and an elementwise mask rule (mmer, emr)")
+    known = list(thresholds) if thresholds is not None else [None] * count
+    lams = [params.lam] * count if lams is None else list(lams)
+    seed = params.tensor_seed(tensor_name)
+    found: list[TrimThreshold] = []
+    fold, shape = None, None
+    for i, tau in enumerate(taus()):
+        threshold = known[i] if known[i] is not None else trim_threshold(tau, params.density)
+        found.append(threshold)
+        shape = tau.shape
+        flat = as_working(tau).reshape(-1)
+        fold = fold or _Fold(flat, count)
+        ruled = with_tie_rule(tau, threshold, params.tie_rule, seed)
+        hat, _ = trim_part(flat, ruled, ruled.ties, 0)
+        fold.add(hat)
+        del tau, flat, hat
+    if len(found) != count:
+        raise ValueError(f"expected {count} task vectors, got {len(found)}")
+    merged = fold.merged(params.alpha).reshape(shape)
+    del fold
+    masks, kept, abs_sums = [], [], []
+    for i, tau in enumerate(taus()):
+        mask = masks_in_pieces(params.mask_rule, [tau], merged, [lams[i]], params.k)[0]
+        kept.append(int(torch.count_nonzero(mask)))
+        abs_sums.append(masked_abs_sums(tau, mask, merged) if params.mask_rule == "emr" else (0.0, 0.0))
+        masks.append(mask if keep_masks else None)
+        del tau, mask
+    return TensorExpansion(merged=merged, masks=masks, thresholds=found, abs_sums=abs_sums, kept=kept)
 
 
 def expand_tensor(

@@ -28,9 +28,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from mmer_cl.derived_masks import DERIVED, derivable
 from mmer_cl.dtypes import is_float_code
 from mmer_cl.errors import MmerError
-from mmer_cl.expansion import expand_tensor
+from mmer_cl.expansion import expand_tensor, expand_tensor_streamed
 from mmer_cl.masks import emr_rescale
 from mmer_cl.interrupts import raise_if_interrupted
 from mmer_cl.merging import TrimThreshold
@@ -45,6 +46,36 @@ from storage.codecs import count_true, int_view, split_nonzero
 from storage.delta import MaskPackBuilder, code_masks, encode_delta
 
 PACK_TARGET = 1 << 22  # parameters per group of small tensors
+DEFAULT_MEMORY_BUDGET = 3 << 29  # 1.5 GiB: see memory_budget
+
+
+def memory_budget() -> int:
+    """Bytes an expansion may spend on decoded task vectors (``MMER_EXPAND_MEMORY``, default 1.5 GiB).
+
+    A tensor whose members' float32 task vectors would together exceed a quarter of it (the current
+    tensor's and the next one's, read ahead, then each with its temporaries) is streamed: its task
+    vectors are decoded one at a time and folded in (:func:`mmer_cl.expansion.expand_tensor_streamed`).
+    What stays in memory then grows with the largest tensor (about 14 bytes per parameter: the fold and
+    one task vector) but not with the number of entries.
+    """
+    text = os.environ.get("MMER_EXPAND_MEMORY", "").strip().upper()
+    if not text:
+        return DEFAULT_MEMORY_BUDGET
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise MmerError(f"MMER_EXPAND_MEMORY={text!r} is not a size; give bytes or a number with K, M or G "
+                        "(e.g. 1.5G)") from None
+    if value <= 0:
+        raise MmerError(f"MMER_EXPAND_MEMORY must be positive, got {text!r}")
+    return int(value)
+
+
+def _streams(numel: int, members: int, params: MergeParams, budget: int) -> bool:
+    """Whether one tensor's task vectors are decoded one at a time (see :func:`memory_budget`)."""
+    return (params.incremental and params.mask_rule in ("mmer", "emr") and members > 1
+            and 4 * numel * members > budget // 4)
 Put = Callable[[bytes], str]
 Progress = Callable[[int, int, str], None]
 
@@ -71,6 +102,7 @@ class TensorJob:
     prev_merged: str | None
     prev_masks: tuple[str | None, ...]
     rebase: bool = False  # written whole, not coded against the previous version (see rebase_phases)
+    streamed: bool = False  # its task vectors decoded one at a time, not all at once (see memory_budget)
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,9 @@ class ExpansionPlan:
     # the earlier members' masks can change only where the merged vector does, so the previous
     # version's masks are not read: each is coded against its parent at the merged vector's changes
     masks_follow_merged: bool = False
+    # per member: its masks are not written, readers compute them from its task vector and the merged vector
+    # (see mmer_cl.derived_masks); entries registered by reference keep stored masks, which need no source
+    derive_masks: tuple[bool, ...] = ()
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -169,13 +204,16 @@ def task_vector_sources(registry: Registry, blobs: BlobStore | None, base_id: in
 
 
 def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryRecord], params: MergeParams,
-                   previous: VersionRecord | None, blobs: BlobStore | None = None) -> ExpansionPlan:
+                   previous: VersionRecord | None, blobs: BlobStore | None = None, store_masks: bool = False
+                   ) -> ExpansionPlan:
     """Decide the merge order and name every blob the expansion reads.
 
     When the previous version merged a subset of ``entries`` with the same
     merge parameters, its members keep their order and the new entries
     follow, so their cached trims apply (``incremental``). Results are coded
     against ``previous`` wherever that is smaller, whatever the parameters.
+    Masks of the ``mmer`` and ``emr`` rules are not stored (readers derive
+    them) unless ``store_masks``.
     """
     prev_ids = [m.entry_id for m in previous.members] if previous else []
     ids = {e.id for e in entries}
@@ -185,13 +223,16 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
         by_id = {e.id: e for e in entries}
         entries = [by_id[i] for i in prev_ids] + [e for e in entries if e.id not in set(prev_ids)]
     task_vectors = {e.id: task_vector_sources(registry, blobs, base_id, e) for e in entries}
+    derive = tuple(derivable(params.mask_rule) and not store_masks and not e.stats.get("referenced")
+                   for e in entries)
     trims = registry.trims([e.id for e in entries], params.density) if params.incremental else {}
     prev_merged = {r.key: r.digest for r in registry.version_blobs(previous.id, "merged")} if previous else {}
     prev_masks = {(r.entry_id, r.key): r.digest for r in registry.version_blobs(previous.id, "mask")} \
-        if previous else {}
+        if previous and not all(derive) else {}
     jobs = []
     shapes = llm_shapes(registry.base_tensors(base_id))
     period = delta.MAX_DEPTH  # so a chain is cut by its phase before the encoders' own limit
+    budget = memory_budget()
     phases = rebase_phases(shapes, period)
     number = previous.number + 1 if previous else 1  # the phase this version is at (a rollback repeats one)
     for key, shape in shapes.items():
@@ -204,13 +245,14 @@ def plan_expansion(registry: Registry, base_id: int, entries: Sequence[EntryReco
             task_vectors=tuple(task_vectors[e.id][key] for e in entries),
             thresholds=tuple((t.bits, t.ties) if t else None for t in cached),
             prev_merged=prev_merged.get(key),
-            prev_masks=tuple(prev_masks.get((e.id, key)) for e in entries),
-            rebase=phases[key] == number % period))
+            prev_masks=tuple(None if d else prev_masks.get((e.id, key)) for e, d in zip(entries, derive)),
+            rebase=phases[key] == number % period,
+            streamed=_streams(int(torch.Size(shape).numel()), len(entries), params, budget)))
     new = tuple(e.name for e in entries if e.id not in set(prev_ids)) if incremental else ()
     follow = incremental and _masks_follow_merged(MergeParams.from_dict(previous.params), params,
                                                   [m.entry_name for m in previous.members])
     return ExpansionPlan(base_id, params, tuple(PlanMember(e.id, e.name) for e in entries), _spaced(_groups(jobs)),
-                         previous.number if previous else None, incremental, new, follow)
+                         previous.number if previous else None, incremental, new, follow, derive)
 
 
 def _masks_follow_merged(before: MergeParams, now: MergeParams, earlier: Sequence[str]) -> bool:
@@ -223,13 +265,14 @@ def _masks_follow_merged(before: MergeParams, now: MergeParams, earlier: Sequenc
 
 @dataclass
 class _Inputs:
-    taus: list[torch.Tensor]
+    taus: list[torch.Tensor]  # empty for a streamed job: ``stream`` decodes them one at a time
+    stream: Callable[[], Iterator[torch.Tensor]] | None
     prev_merged: tuple[torch.Tensor, int] | None
     prev_masks: list[tuple[torch.Tensor | None, int] | None]  # (mask or None where not read, depth)
     read_seconds: float = 0.0  # spent reading and decoding these (on the loader thread)
 
 
-def _task_vector(reader: TensorReader, spec: str, device: torch.device, checkpoints: dict) -> torch.Tensor:
+def task_vector_from_spec(reader: TensorReader, spec: str, device: torch.device, checkpoints: dict) -> torch.Tensor:
     if is_reference(spec):
         return read_task_vector(TensorReference.from_spec(spec), checkpoints, device)
     return reader.tensor(spec).to(device)
@@ -269,12 +312,17 @@ def _load(reader: TensorReader, job: TensorJob, device: torch.device, checkpoint
     """Decode one job's blobs, several at once: zstd, sha256 and the compiled plane joins release the GIL.
     Without ``read_masks`` the previous masks are only located (their depth), not decoded."""
     started = time.perf_counter()
-    taus = [pool.submit(_task_vector, reader, spec, device, checkpoints) for spec in job.task_vectors]
+    specs = () if job.streamed else job.task_vectors
+    taus = [pool.submit(task_vector_from_spec, reader, spec, device, checkpoints) for spec in specs]
     prev = pool.submit(_decoded, reader, job.prev_merged) if job.prev_merged else None
     masks = [pool.submit(_decoded, reader, d, job.key, read_masks) if d else None for d in job.prev_masks]
     done = _gathered([*taus, prev, *masks])
     n = len(taus)
-    return _Inputs(done[:n], done[n], done[n + 1:], time.perf_counter() - started)
+    stream = None
+    if job.streamed:
+        def stream() -> Iterator[torch.Tensor]:  # one decoding ahead of the one being folded
+            return prefetched(task_vector_from_spec(reader, spec, device, checkpoints) for spec in job.task_vectors)
+    return _Inputs(done[:n], stream, done[n], done[n + 1:], time.perf_counter() - started)
 
 
 def _with_inputs(reader: TensorReader, jobs: Sequence[TensorJob], device: torch.device, read_masks: bool
@@ -308,7 +356,13 @@ class _GroupWriter:
         plan, result = self.plan, self.result
         thresholds = [TrimThreshold(*t) if t else None for t in job.thresholds]
         started = time.perf_counter()
-        out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds, lams=self.lams)
+        if job.streamed:
+            out = expand_tensor_streamed(inputs.stream, len(job.task_vectors), plan.params, tensor_name=job.key,
+                                         thresholds=thresholds, lams=self.lams,
+                                         keep_masks=not all(plan.derive_masks))
+        else:
+            out = expand_tensor(inputs.taus, plan.params, tensor_name=job.key, thresholds=thresholds,
+                                lams=self.lams)
         inputs.taus.clear()  # the masks are computed: free the task vectors before coding the results
         computed = time.perf_counter()
         result.add_seconds("read", inputs.read_seconds)
@@ -335,12 +389,26 @@ class _GroupWriter:
             blob, support = coded if coded is not None else (encode(merged, split), None)
             digest = self.put(blob)
             result.refs.append(BlobRef("merged", job.key, digest, len(blob), raw))
-        masks = [m.cpu() for m in out.masks]
-        parents = []
+        masks = [m.cpu() if m is not None else None for m in out.masks]
         for i, mask in enumerate(masks):
-            result.kept[i] += int(np.count_nonzero(mask.numpy()))
+            result.kept[i] += out.kept[i] if out.kept is not None else int(np.count_nonzero(mask.numpy()))
             result.abs_sums[i][0] += out.abs_sums[i][0]
             result.abs_sums[i][1] += out.abs_sums[i][1]
+        if not all(plan.derive_masks):
+            self._add_masks(job, inputs, masks, unchanged, digest, support, nonzero)
+        result.numel += job.numel
+        result.add_seconds("code", time.perf_counter() - computed)
+
+    def _add_masks(self, job: TensorJob, inputs: _Inputs, masks: list, unchanged: bool, digest: str, support,
+                   nonzero) -> None:
+        """Code every member's mask against its previous one and add it to the member's pack."""
+        plan, result = self.plan, self.result
+        parents = []
+        masks = [None if derived else m for m, derived in zip(masks, plan.derive_masks)]
+        for i, mask in enumerate(masks):
+            if mask is None:  # derived on read
+                parents.append(None)
+                continue
             prev = inputs.prev_masks[i]
             if prev is not None and (unchanged if prev[0] is None else _identical(prev[0], mask)):
                 # unchanged: point at the previous pack
@@ -355,8 +423,6 @@ class _GroupWriter:
                            (digest, support) if support is not None else None, (digest, nonzero))
         for i, (member, bits) in zip(changed, coded):
             self.packs[i].add_coded(member, bits)
-        result.numel += job.numel
-        result.add_seconds("code", time.perf_counter() - computed)
 
     def finish(self) -> GroupResult:
         for member, pack in zip(self.plan.members, self.packs):
@@ -427,6 +493,7 @@ def commit_expansion(registry: Registry, plan: ExpansionPlan, results: Sequence[
         "merge_read": [f"task vector of {m.name}" for m in plan.members],
         "trimmed": [m.name for m in plan.members if m.name in trimmed],
         "coded_against": f"v{plan.previous}" if plan.previous else None,
+        "masks": DERIVED if any(plan.derive_masks) else "stored",
         "seconds": round(time.perf_counter() - started, 3),
         # where the time went, summed over tensors (reading runs on a second thread, beside the rest)
         "phase_seconds": {p: round(sum(r.seconds.get(p, 0.0) for r in results), 3)

@@ -15,6 +15,8 @@ every member entry is reachable from the latest version.
     {"mmer_manifest": 1, "kind": "entry", "id", "base_id", "lineage", "revision", "modality", "task",
      "fingerprint", "keymap_sha256", "referenced", "blobs": [[role, key, digest, stored_bytes, raw_bytes], ...]}
 
+    plus ``"codec": "bitdelta"`` for an entry stored as 1-bit deltas (absent for the default, ``lossless``)
+
 ``version``::
 
     {"mmer_manifest": 1, "kind": "version", "id", "base_id", "number", "params", "recipe_sha256",
@@ -64,10 +66,13 @@ def _sorted(items: Iterable[list]) -> list[list]:
 
 
 def entry_body(f: EntryFacts) -> dict:
-    return {"mmer_manifest": FORMAT, "kind": "entry", "id": f.id, "base_id": f.base_id, "lineage": f.label,
+    body = {"mmer_manifest": FORMAT, "kind": "entry", "id": f.id, "base_id": f.base_id, "lineage": f.label,
             "revision": f.revision, "modality": f.modality, "task": f.task, "fingerprint": f.fingerprint,
             "keymap_sha256": _sha(f.keymap), "referenced": f.referenced,
             "blobs": _sorted([b.role, b.key, b.digest, int(b.stored_bytes), int(b.raw_bytes)] for b in f.blobs)}
+    if f.codec != "lossless":  # only where it is not the default: manifests written before schema 5 stay valid
+        body["codec"] = f.codec
+    return body
 
 
 def version_body(f: VersionFacts) -> dict:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from mmer_cl.bitdelta_entries import ROLES as BITDELTA_ROLES
 from mmer_cl.export import Progress
 from mmer_cl.dtypes import ITEM_BYTES, is_float_code
 from mmer_cl.table import human_bytes  # noqa: F401 (also re-exported for older imports)
@@ -100,8 +101,9 @@ def disk_usage(store: "Store") -> dict:
         for e in reg.entries(b.id, include_removed=True):
             for r in reg.entry_blobs(e.id):
                 kinds.setdefault(r.digest, {"task_vector": "task_vectors", "own": "modality_sides", "aux":
-                                            "non_weight_files", "reference": "references"}.get(r.role,
-                                                                                                "other_entry_blobs"))
+                                            "non_weight_files", "reference": "references",
+                                            **{role: "bitdelta_deltas" for role in BITDELTA_ROLES}}.get(
+                                                r.role, "other_entry_blobs"))
         for v in reg.versions(b.id):
             for r in reg.version_blobs(v.id):
                 kind = "masks" if r.role == "mask" else "merged" if r.role == "merged" else "legacy_accumulators"
@@ -109,7 +111,8 @@ def disk_usage(store: "Store") -> dict:
     for digest in reg.manifest_digests():  # what gc keeps: the immutable descriptions of rows
         kinds.setdefault(digest, "manifests")
     usage = {k: 0 for k in ("task_vectors", "references", "merged", "masks", "legacy_accumulators", "modality_sides",
-                            "non_weight_files", "other_entry_blobs", "manifests", "unreferenced_blobs")}
+                            "non_weight_files", "bitdelta_deltas", "other_entry_blobs", "manifests",
+                            "unreferenced_blobs")}
     files = 0
     for page in store.blobs.pages():  # sizes come with the listing: no request per blob on a bucket
         for digest, size in page:
@@ -166,15 +169,17 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
             "task_vector_bits_per_param": 8 * tv_stored / n_params if n_params else 0.0,
             "full_copy_bytes": entry.stats.get("checkpoint_bytes", 0),
             "referenced": bool(entry.stats.get("referenced")),
+            "codec": entry.codec, "lossy": False,
         }
         if svd:
-            row["fidelity"] = _fidelity(store, version, m, entry.id, linear, ranks)
+            row["fidelity"] = _fidelity(store, version, base, m, entry.id, linear, ranks)
         entries.append(row)
         if progress:
             progress(step, len(version.members), m.entry_name)
 
     side = sum(e["modality_side_bytes"] for e in entries)
     masks = sum(e["mask_bytes"] for e in entries)
+    one_bit = bitdelta_rows(store, base, n_params)
     adapter = lora_params(list(linear.values()), 1) * base_item
     lora = {str(r): {"adapter_bytes_each": r * adapter,
                      "total_bytes": base_bytes + side + len(entries) * r * adapter} for r in ranks}
@@ -195,16 +200,36 @@ def storage_report(store: "Store", version: "VersionRecord", base: "BaseRecord",
         "lora": lora,
         "deployment": deployment, "remerge": remerge, "on_disk": usage,
         "store_total_with_base_bytes": usage["total"] + base_bytes,
+        "bitdelta_entries": one_bit,
+        "bitdelta_total_bytes": sum(e["delta_bytes"] + e["modality_side_bytes"] for e in one_bit),
     }
 
 
-def _fidelity(store: "Store", version: "VersionRecord", member, entry_id: int, linear: dict,
+def bitdelta_rows(store: "Store", base: "BaseRecord", n_params: int) -> list[dict]:
+    """The active entries stored as 1-bit deltas (lossy; in no version, served from their own delta): what
+    each costs, apart from the version's totals."""
+    rows = []
+    for entry in store.registry.entries(base.id):
+        if entry.codec != "bitdelta":
+            continue
+        refs = store.registry.entry_blobs(entry.id)
+        delta = sum(r.stored_bytes for r in refs if r.role in BITDELTA_ROLES)
+        side = [r for r in refs if r.role in ("own", "aux")]
+        rows.append({"name": entry.name, "modality": entry.modality, "task": entry.task, "codec": entry.codec,
+                     "lossy": True, "delta_bytes": delta,
+                     "delta_bits_per_param": 8 * delta / n_params if n_params else 0.0,
+                     "modality_side_bytes": _blob_total(side)[0],
+                     "full_copy_bytes": entry.stats.get("checkpoint_bytes", 0)})
+    return rows
+
+
+def _fidelity(store: "Store", version: "VersionRecord", base, member, entry_id: int, linear: dict,
               ranks: Sequence[int]) -> dict:
     """Relative errors over the linear layers: SVD-LoRA at each rank, and MMER's reconstruction."""
     reg = store.registry
     tv = store.blob_source(reg.entry_blobs(entry_id, "task_vector"))
     merged = store.blob_source(reg.version_blobs(version.id, "merged"))
-    masks = store.blob_source(r for r in reg.version_blobs(version.id, "mask") if r.entry_id == entry_id)
+    masks = store._mask_source(version, base, reg.entry_by_id(entry_id), member, store.reader, merged)
     total = 0.0
     mmer_err = 0.0
     svd_err = {r: 0.0 for r in ranks}
@@ -241,6 +266,7 @@ def format_report(r: dict) -> str:
               ("references", "references to checkpoints kept elsewhere"), ("merged", "merged vectors, all versions"),
               ("masks", "masks, all versions"), ("modality_sides", "modality sides (encoders, projectors)"),
               ("non_weight_files", "non-weight files (configs, tokenizers)"),
+              ("bitdelta_deltas", "1-bit deltas (lossy entries)"),
               ("legacy_accumulators", "accumulators (stores from mmer-cl 0.1)"),
               ("other_entry_blobs", "other entry blobs"), ("manifests", "manifests (what audit checks rows against)"),
               ("unreferenced_blobs", "unreferenced (run `mmer gc`)"),
@@ -273,6 +299,7 @@ def format_report(r: dict) -> str:
     lines += ["H(d) = -d log2 d - (1-d) log2(1-d): the fewest bits per parameter an independent random mask of",
               "density d can cost. Masks here are coded against the merged vector and the previous version, so",
               "they can cost less; bits/param counts every blob this version's masks need, shared parents included."]
+    lines += _bitdelta_lines(r)
     if r["entries"] and "fidelity" in r["entries"][0]:
         ranks = list(r["entries"][0]["fidelity"]["svd_lora_relative_error"])
         lines += ["", "relative error of the LLM task vector on linear layers (lower is better):",
@@ -282,6 +309,22 @@ def format_report(r: dict) -> str:
             lines.append(f"{e['name']:<14}{f['mmer_relative_error']:>8.3f}" +
                          "".join(f"{f['svd_lora_relative_error'][k]:>10.3f}" for k in ranks))
     return "\n".join(lines)
+
+
+def _bitdelta_lines(r: dict) -> list[str]:
+    """The entries stored as 1-bit deltas, marked lossy, apart from the version's totals."""
+    rows = r.get("bitdelta_entries") or []
+    if not rows:
+        return []
+    hb = human_bytes
+    lines = ["", f"Entries stored as 1-bit deltas (codec bitdelta, LOSSY; never merged, served from their own delta "
+             f"at every version; not in the totals above): {hb(r['bitdelta_total_bytes'])} with their sides",
+             f"{'entry':<14}{'codec':>18}{'1-bit delta':>13}{'bits/param':>11}{'modality side':>15}{'full copy':>12}"]
+    for e in rows:
+        lines.append(f"{e['name']:<14}{'bitdelta (lossy)':>18}{hb(e['delta_bytes']):>13}"
+                     f"{e['delta_bits_per_param']:>11.3f}{hb(e['modality_side_bytes']):>15}"
+                     f"{hb(e['full_copy_bytes']):>12}")
+    return lines
 
 
 def load_retention(path: str | Path) -> dict:

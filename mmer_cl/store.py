@@ -33,12 +33,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.confinement import read_confined
+from mmer_cl.derived_masks import derived_mask_source, mask_at_nonzero, masks_derived, read_once_for_two
 from mmer_cl.device import default_device
-from mmer_cl import identity, manifests
+from mmer_cl import bitdelta, bitdelta_entries, identity, manifests
 from mmer_cl.dtypes import refuse_unmergeable
 from mmer_cl.errors import ConfigError, KeyMappingError, MmerError, StoreDamagedError
 from mmer_cl.expansion_plan import (commit_expansion, llm_shapes, plan_expansion, run_plan,
-                                    task_vector_sources)
+                                    task_vector_from_spec, task_vector_sources)
 from mmer_cl.faults import fault_point
 from mmer_cl.export_guard import GRACE_SECONDS, Protected, check_target, marker_bytes, remove_leftovers
 from mmer_cl.export import (Progress, TensorSource, layout_of, reconstructed_tensors, write_merged_llm,
@@ -73,7 +74,15 @@ GroupRunner = Callable[..., list]  # (blobs, plan, *, progress) -> one GroupResu
 ENV_ACTOR = "MMER_ACTOR"
 
 
-def _summary(ckpt, keymap: KeyMap, base_rec: BaseRecord) -> str:
+def _summary(ckpt, keymap: KeyMap, base_rec: BaseRecord, codec: str = bitdelta.LOSSLESS) -> str:
+    """:func:`_merge_summary`; an entry of 1-bit deltas merges nothing, and says so."""
+    text = _merge_summary(ckpt, keymap, base_rec)
+    if codec == bitdelta.BITDELTA:
+        text = text.replace("LLM tensors merged", "LLM tensors stored as 1-bit deltas (1-D and tiny ones exactly)", 1)
+    return text
+
+
+def _merge_summary(ckpt, keymap: KeyMap, base_rec: BaseRecord) -> str:
     """What a registration merged: for a LoRA adapter over the base itself, only the LLM tensors it changes
     are counted (every other task vector is zero)."""
     text = keymap.describe()
@@ -89,6 +98,13 @@ def _summary(ckpt, keymap: KeyMap, base_rec: BaseRecord) -> str:
 
 class StoreError(MmerError):
     """The store cannot do what was asked; the message says what to do."""
+
+
+def _merged_and_one_bit(entries: Iterable[EntryRecord]) -> tuple[list[EntryRecord], list[EntryRecord]]:
+    """Entries ``expand`` merges (codec lossless) and those it leaves out (1-bit deltas, never merged)."""
+    entries = list(entries)
+    return ([e for e in entries if e.codec != bitdelta.BITDELTA],
+            [e for e in entries if e.codec == bitdelta.BITDELTA])
 
 
 def validate_alias(name: str) -> str:
@@ -115,6 +131,18 @@ def validate_tags(tags: dict | None) -> dict:
                              "description")
         out[key] = validate_text(str(value), f"the value of tag {key!r}", MAX_TAG_VALUE)
     return out
+
+
+def validate_codec(codec: str, reference: bool = False) -> str:
+    """An entry codec: ``lossless`` (the exact task vector) or ``bitdelta`` (1-bit deltas, lossy)."""
+    if codec not in bitdelta.CODECS:
+        raise ConfigError(f"unknown codec {codec!r}; choose lossless (the exact task vector, merged by expand; the "
+                          "default) or bitdelta (1 bit per LLM parameter plus one scale per matrix: lossy, served "
+                          "from its own delta without merging)")
+    if reference and codec != bitdelta.LOSSLESS:
+        raise ConfigError("--reference keeps the checkpoint itself and --codec bitdelta a 1-bit copy of its delta; "
+                          "choose one")
+    return codec
 
 
 def validate_description(text: str) -> str:
@@ -365,15 +393,26 @@ class Store:
         digests = {r.key: r.digest for r in refs}
         return lambda key: self.reader.tensor(digests[key], key)
 
-    def _sparse_source(self, merged: list[BlobRef], masks: list[BlobRef] | None
+    def _sparse_source(self, merged: list[BlobRef], masks: list[BlobRef] | None, derived=None
                        ) -> Callable[[str], SparseMerged | None]:
-        """Merged tensors (with a mask, where ``masks`` are given) in the sparse form they are stored in:
-        None for a key whose blobs are coded otherwise (against an earlier version), which then reads dense."""
+        """Merged tensors (with a mask, where ``masks`` are given, or computed where ``derived``, a
+        (task vector source, version, member), is) in the sparse form they are stored in: None for a key
+        whose blobs are coded otherwise (against an earlier version), which then reads dense."""
         merged_digests = {r.key: r.digest for r in merged}
         mask_digests = {r.key: r.digest for r in masks} if masks is not None else None
+        if derived is not None:
+            tau, v, member = derived
+            params = MergeParams.from_dict(v.params)
+            rule, lam = params.mask_rule, params.lam_for(member.entry_name)
 
         def read(key: str) -> SparseMerged | None:
             digest = merged_digests[key]
+            if derived is not None:
+                form = self.reader.sparse(digest)
+                if form is None:
+                    return None
+                shape, bits, values = form
+                return SparseMerged(tuple(shape), bits, values, mask_at_nonzero(tau(key), bits, values, rule, lam))
             ordered = None
             if mask_digests is not None:  # first: a mask coded against its parent needs no merged blob read
                 ordered = self.reader.mask_by_context(mask_digests[key], key, digest)
@@ -395,7 +434,7 @@ class Store:
                  llm_prefix: str | None = None, base: str | None = None, actor: str | None = None,
                  max_relative_change: float = MAX_RELATIVE_CHANGE,
                  progress: Progress | None = None, update: bool = False, description: str = "",
-                 tags: dict | None = None, reference: bool = False) -> RegisterResult:
+                 tags: dict | None = None, reference: bool = False, codec: str = bitdelta.LOSSLESS) -> RegisterResult:
         """Record a fine-tuned checkpoint (or a peft LoRA adapter): its task vector, modality side and files.
 
         The same checkpoint registered again is recognised (``created=False``).
@@ -409,8 +448,11 @@ class Store:
         A checkpoint whose LLM differs from the base by more than
         ``max_relative_change`` (||tau|| / ||theta_0|| over the weight matrices) is refused as probably
         fine-tuned from another base. A failure leaves the store as it was.
+        ``codec="bitdelta"`` stores the LLM delta as 1 bit per parameter and one scale per matrix instead
+        (lossy; such an entry is served from its own delta and never merged: :mod:`mmer_cl.bitdelta_entries`).
         """
         validate_name(name, "entry name")
+        validate_codec(codec, reference)
         for value, what in ((modality, "modality"), (task, "task")):
             if value is not None:
                 validate_name(value, what)
@@ -432,8 +474,11 @@ class Store:
         with self._lock(), self.blobs.batch() as batch:
             current = self.registry.version(base_rec.id)
             densities = sorted({MergeParams().density} | ({current.params["density"]} if current else set()))
+            if codec == bitdelta.BITDELTA:
+                densities = []  # never merged: no trims to cache
             with torch_single_threaded(), write_behind(batch.put) as put:  # blobs written as the next tensor computes
-                refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, put, progress, densities, reference)
+                refs, parts, stats, trims = self._ingest(ckpt, keymap, vbase, put, progress, densities, reference,
+                                                         codec)
             fingerprint = checkpoint_fingerprint(parts)
             existing = self.registry.entry_by_fingerprint(base_rec.id, fingerprint)
             if existing is not None:
@@ -442,7 +487,11 @@ class Store:
                     raise StoreError(f"{path} is already registered as entry {existing.label!r} (revision "
                                      f"{existing.revision}, {existing.modality}/{existing.task}); use that name, "
                                      f"e.g. `mmer export --entry {existing.label} ...`, or register other weights")
-                return RegisterResult(existing, False, _summary(ckpt, keymap, base_rec), _skipped_files(ckpt))
+                if existing.codec != codec:
+                    raise StoreError(f"{path} is already registered as entry {existing.label!r} with codec "
+                                     f"{existing.codec!r}; to store it as {codec!r} instead, remove that entry "
+                                     f"(`mmer remove {existing.label}`) and register it again under a new name")
+                return RegisterResult(existing, False, _summary(ckpt, keymap, base_rec, codec), _skipped_files(ckpt))
             if stats["relative_change"] > max_relative_change:
                 raise KeyMappingError(
                     f"{path} differs from base {base_rec.name!r} by {stats['relative_change']:.2f} "
@@ -451,8 +500,8 @@ class Store:
                     "it in a store of that base, or raise max_relative_change (--max-change) if this is intended.")
             entry = self.registry.add_entry(base_rec.id, name, modality, task, str(Path(path).resolve()),
                                             fingerprint, keymap.to_json(), stats, refs, actor, trims, update=update,
-                                            description=description, tags=tags)
-        return RegisterResult(entry, True, _summary(ckpt, keymap, base_rec), _skipped_files(ckpt))
+                                            description=description, tags=tags, codec=codec)
+        return RegisterResult(entry, True, _summary(ckpt, keymap, base_rec, codec), _skipped_files(ckpt))
 
     def _register_names(self, base_rec: BaseRecord, path: str | Path, name: str, modality: str | None,
                         task: str | None, update: bool) -> tuple[str, str]:
@@ -481,9 +530,10 @@ class Store:
         return BlobRef(role, key, put(blob), len(blob), t.numel() * t.element_size())
 
     def _ingest(self, ckpt: Checkpoint, keymap: KeyMap, vbase: VerifiedBase, put: Callable[[bytes], str],
-                progress: Progress | None, densities: Sequence[float] = (), reference: bool = False
-                ) -> tuple[list[BlobRef], list, dict, list]:
+                progress: Progress | None, densities: Sequence[float] = (), reference: bool = False,
+                codec: str = bitdelta.LOSSLESS) -> tuple[list[BlobRef], list, dict, list]:
         refs: list[BlobRef] = []
+        one_bit = bitdelta_entries.DeltaWriter(put) if codec == bitdelta.BITDELTA else None
         sources: dict[str, dict] = {}
         parts = []
         trims: list[Trim] = []
@@ -525,6 +575,8 @@ class Store:
                 llm_params += tau.numel()
                 if reference:
                     sources[base_key] = {"key": key, "sha256": parts[-1][3], "rows": keymap.resized.get(key)}
+                elif one_bit is not None:
+                    refs.append(one_bit.tensor(base_key, tau))
                 else:
                     refs.append(self._put(put, "task_vector", base_key, tau))
             if key in own_keys:
@@ -539,6 +591,8 @@ class Store:
         if reference:
             data = json.dumps(sources, sort_keys=True).encode()
             refs.append(BlobRef("reference", "task_vectors", put(data), len(data), len(data)))
+        if one_bit is not None:
+            refs.append(one_bit.finish())
         stats = {"relative_change": math.sqrt(sq_tau / sq_base) if sq_base else 0.0, "llm_params": llm_params,
                  "own_params": own_params, "checkpoint_bytes": ckpt_bytes, "resized": keymap.resized,
                  "referenced": reference}
@@ -547,7 +601,8 @@ class Store:
     # ---- expand / remove -----------------------------------------------------------------
     def expand(self, params: MergeParams | None = None, *, base: str | None = None, actor: str | None = None,
                progress: Progress | None = None, members: Sequence[str] | None = None, recipe: str | None = None,
-               description: str = "", tags: dict | None = None, runner: GroupRunner | None = None) -> ExpandResult:
+               description: str = "", tags: dict | None = None, runner: GroupRunner | None = None,
+               store_masks: bool = False) -> ExpandResult:
         """Merge every active entry (or the named ``members``) into a new version and move ``current`` to it.
 
         With ``ties`` and unchanged merge parameters, the merge folds only the
@@ -556,7 +611,9 @@ class Store:
         ``recipe`` (YAML text, see :mod:`mmer_cl.recipe`), ``description`` and ``tags`` are stored with it.
         ``runner`` runs the tensor groups elsewhere (e.g.
         :class:`mmer_cl.distributed.ray_expand.RayRunner`); the version is
-        committed here once every group has succeeded.
+        committed here once every group has succeeded. ``mmer`` and ``emr`` masks are computed from each
+        entry's task vector when read (see :mod:`mmer_cl.derived_masks`); ``store_masks`` writes them instead,
+        as releases before 0.3 did.
         """
         base_rec = self.registry.base(base)
         tags = validate_tags(tags)
@@ -564,9 +621,17 @@ class Store:
         with self._lock():
             previous = self.registry.version(base_rec.id)
             params = params or (MergeParams.from_dict(previous.params) if previous else MergeParams())
-            entries = self.registry.entries(base_rec.id)
+            entries, one_bit = _merged_and_one_bit(self.registry.entries(base_rec.id))
+            if not entries and one_bit:
+                raise StoreError(f"nothing to merge: {', '.join(e.name for e in one_bit)} "
+                                 f"{'is' if len(one_bit) == 1 else 'are'} stored as 1-bit deltas (--codec bitdelta), "
+                                 "which are served without merging (`mmer export --entry NAME`); register a "
+                                 "checkpoint without --codec to build a version")
             if not entries:
                 raise StoreError("nothing to expand: no entries are registered; run `mmer register` first")
+            if members is not None and set(members) & {e.name for e in one_bit}:
+                raise StoreError(f"members {sorted(set(members) & {e.name for e in one_bit})} are stored as 1-bit "
+                                 "deltas (--codec bitdelta) and are never merged; leave them out of --members")
             if members is not None:
                 by_name = {e.name: e for e in entries}
                 unknown = [m for m in members if m not in by_name]
@@ -582,7 +647,8 @@ class Store:
                     and MergeParams.from_dict(previous.params) == params and not (recipe or description or tags):
                 return ExpandResult(previous, False, False)
             return self._new_version(base_rec, entries, params, previous, actor or default_actor(), progress,
-                                     recipe=recipe, description=description, tags=tags, runner=runner)
+                                     recipe=recipe, description=description, tags=tags, runner=runner,
+                                     store_masks=store_masks)
 
     def remove(self, name: str, *, base: str | None = None, actor: str | None = None,
                progress: Progress | None = None, runner: GroupRunner | None = None) -> VersionRecord | None:
@@ -599,7 +665,10 @@ class Store:
             entry = self.registry.entry(base_rec.id, name)
             if not entry.active:
                 raise StoreError(f"entry {name!r} was already removed")
-            rest = [e for e in self.registry.entries(base_rec.id) if e.id != entry.id]
+            if entry.codec == bitdelta.BITDELTA:  # in no version: removed without re-merging anything
+                self.registry.remove_entry(base_rec.id, name, actor)
+                return self.registry.version(base_rec.id)
+            rest, _ = _merged_and_one_bit(e for e in self.registry.entries(base_rec.id) if e.id != entry.id)
             previous = self.registry.version(base_rec.id)
             if not rest or previous is None:
                 self.registry.remove_entry_without_version(base_rec.id, name, actor)
@@ -638,11 +707,12 @@ class Store:
 
     def _new_version(self, base_rec: BaseRecord, entries: list[EntryRecord], params: MergeParams,
                      previous: VersionRecord | None, actor: str, progress: Progress | None,
-                     remove: str | None = None, runner: GroupRunner | None = None, **annotations) -> ExpandResult:
+                     remove: str | None = None, runner: GroupRunner | None = None, store_masks: bool = False,
+                     **annotations) -> ExpandResult:
         """Plan, run every tensor group (here, or through ``runner``), and commit
         (see :mod:`mmer_cl.expansion_plan`)."""
         started = time.perf_counter()
-        plan = plan_expansion(self.registry, base_rec.id, entries, params, previous, self.blobs)
+        plan = plan_expansion(self.registry, base_rec.id, entries, params, previous, self.blobs, store_masks)
         if runner is not None:  # a failure leaves only unreferenced blobs, which gc removes
             results = runner(self.blobs, plan, progress=progress)
             version = commit_expansion(self.registry, plan, results, actor, started, remove, **annotations)
@@ -732,8 +802,28 @@ class Store:
         return self.registry.events(limit)
 
     # ---- export / load -------------------------------------------------------------------
+    def bitdelta_entry(self, name: str, version: int | str | None = None, base: str | None = None
+                       ) -> EntryRecord | None:
+        """Entry ``name`` when it is served from its own 1-bit delta (see :mod:`mmer_cl.bitdelta_entries`):
+        its newest revision is stored with codec ``bitdelta`` (it needs no expand, so it is served at once),
+        unless a ``version`` is named that holds an earlier, merged revision of it."""
+        base_rec = self.registry.base(base)
+        try:
+            entry = self.registry.entry(base_rec.id, name)
+        except RegistryError:
+            return None
+        if entry.codec != bitdelta.BITDELTA:
+            return None
+        if version is None:
+            return entry
+        v = self.registry.version(base_rec.id, version)
+        return entry if v is None or v.member(name) is None else None
+
     def _sources(self, name: str, version: int | str | None, base: str | None, use_mask: bool = True
                  ) -> tuple[KeyMap, Iterator[tuple[str, torch.Tensor]], dict[str, bytes], EntryRecord]:
+        one_bit = self.bitdelta_entry(name, version, base)
+        if one_bit is not None:
+            return bitdelta_entries.sources(self, one_bit, base)
         base_rec = self.registry.base(base)
         v = self.version(version, base)
         member = v.member(name)
@@ -743,16 +833,41 @@ class Store:
         entry = self.registry.entry_by_id(member.entry_id)  # the revision this version holds
         keymap = KeyMap.from_json(entry.keymap)
         vbase = self._verified_base(base_rec)
-        mask_refs = [r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id]
         merged_refs = list(self.registry.version_blobs(v.id, "merged"))
         aux = {r.key: self.blobs.get(r.digest) for r in self.registry.entry_blobs(entry.id, "aux")}
+        merged = self.blob_source(merged_refs)
+        mask_refs = [r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id]
+        if use_mask and not mask_refs and masks_derived(v.details):
+            merged = read_once_for_two(merged)  # the derived mask reads it too
+            tau = self._task_vector_source(base_rec, entry, self.reader)
+            mask = self._derived_masks(v, member, tau, merged)
+            sparse = self._sparse_source(merged_refs, None, derived=(tau, v, member))
+        else:
+            mask = self.blob_source(mask_refs) if use_mask else None
+            sparse = self._sparse_source(merged_refs, mask_refs if use_mask else None)
         tensors = reconstructed_tensors(
-            keymap, base=vbase.get, merged=self.blob_source(merged_refs),
-            mask=self.blob_source(mask_refs) if use_mask else None,
+            keymap, base=vbase.get, merged=merged, mask=mask,
             own=self.blob_source(self.registry.entry_blobs(entry.id, "own")),
-            scale=member.scale if use_mask else 1.0,
-            sparse=self._sparse_source(merged_refs, mask_refs if use_mask else None))
+            scale=member.scale if use_mask else 1.0, sparse=sparse)
         return keymap, tensors, aux, entry
+
+    def _task_vector_source(self, base_rec: BaseRecord, entry: EntryRecord, reader: TensorReader) -> TensorSource:
+        """The entry's task vector by base key, from its blobs (or rebuilt from its checkpoints if referenced)."""
+        specs = task_vector_sources(self.registry, self.blobs, base_rec.id, entry)
+        checkpoints: dict = {}
+        return lambda key: task_vector_from_spec(reader, specs[key], torch.device("cpu"), checkpoints)
+
+    def _derived_masks(self, v: VersionRecord, member, tau: TensorSource, merged: TensorSource) -> TensorSource:
+        params = MergeParams.from_dict(v.params)
+        return derived_mask_source(tau, merged, params.mask_rule, params.lam_for(member.entry_name))
+
+    def _mask_source(self, v: VersionRecord, base_rec: BaseRecord, entry: EntryRecord, member,
+                     reader: TensorReader, merged: TensorSource) -> TensorSource:
+        """One member's masks by base key: stored blobs, or computed from its task vector and ``merged``."""
+        digests = {r.key: r.digest for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id}
+        if not digests and masks_derived(v.details):
+            return self._derived_masks(v, member, self._task_vector_source(base_rec, entry, reader), merged)
+        return lambda key: reader.tensor(digests[key], key)
 
     def _protected(self) -> list[Protected]:
         """Paths no export may replace or contain: the store, every base and every entry's source."""
@@ -791,7 +906,14 @@ class Store:
         ``use_mask=False`` writes the whole merged LLM (``theta_0 + tau_*``) with the entry's own
         encoder instead: the plain-merge (NaiveMC-style) baseline. ``overwrite`` replaces only an earlier
         mmer export, never the store, a base or a registered source (see :mod:`mmer_cl.export_guard`).
+        An entry stored as a 1-bit delta is written as ``base + its delta`` at every version (none need exist;
+        ``use_mask`` does not apply): see :meth:`bitdelta_entry` and :mod:`mmer_cl.bitdelta_entries`.
         """
+        one_bit = self.bitdelta_entry(name, version, base)
+        if one_bit is not None:
+            return bitdelta_entries.export(self, one_bit, out_dir, base=base, overwrite=overwrite,
+                                           max_shard_bytes=max_shard_bytes, progress=progress,
+                                           actor=actor or default_actor())
         v = self.version(version, base)
         keymap, tensors, aux, entry = self._sources(name, v.number, base, use_mask)
         meta, card = self._provenance(v.number, base, entry, use_mask, aux)
@@ -900,9 +1022,16 @@ class Store:
             digests = {r.key: r.digest for r in refs}
             return lambda key: reader.tensor(digests[key], key)
 
+        merged_source = blob_source(self.registry.version_blobs(v.id, "merged"))
         sources = []
         for name in names:
             member = v.member(name)
+            if member is None and self.bitdelta_entry(name, v.number, base) is not None:
+                raise StoreError(f"entry {name!r} is stored as a 1-bit delta (--codec bitdelta): it is not part of "
+                                 "the merge a composed model shares. Serve it on its own (`mmer export --entry "
+                                 f"{name}`, Store.load({name!r})), or, to compose it, remove it (`mmer remove "
+                                 f"{name}`), register its checkpoint again without --codec under a new name (names "
+                                 "stay taken) and expand")
             if member is None:
                 raise StoreError(f"entry {name!r} is not in version {v.number} (members: "
                                  f"{', '.join(m.entry_name for m in v.members)}); name another version or entry")
@@ -910,7 +1039,7 @@ class Store:
             aux = {r.key: r for r in self.registry.entry_blobs(entry.id, "aux")}
             if "config.json" not in aux:
                 raise StoreError(f"entry {name!r} has no config.json; a composition needs each entry's config")
-            masks = blob_source(r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id)
+            masks = self._mask_source(v, base_rec, entry, member, reader, merged_source)
             sources.append(EntrySource(name, entry.modality, self.blobs.get(aux["config.json"].digest),
                                        KeyMap.from_json(entry.keymap),
                                        blob_source(self.registry.entry_blobs(entry.id, "own")), masks,
@@ -921,7 +1050,7 @@ class Store:
                              "from it")
         with jit.suspended():  # a serving process need not carry numba's LLVM (~130 MiB) for a one-off build
             composed = build_composed(config.read_text(), list(shapes), vbase.get,
-                                      blob_source(self.registry.version_blobs(v.id, "merged")), sources,
+                                      merged_source, sources,
                                       text_params=text_params, text_only=text_only, use_mask=use_mask,
                                       progress=progress,
                                       cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)

@@ -19,6 +19,7 @@ def show_version(store, v) -> dict:
         by_role[role] = by_role.get(role, 0) + b.stored_bytes
         if b.role == "mask" and b.entry_id is not None:
             mask_bytes[b.entry_id] = mask_bytes.get(b.entry_id, 0) + b.stored_bytes
+    derived = v.details.get("masks") == "derived"  # computed on read from the task vector (mmer_cl.derived_masks)
     members = []
     for m in v.members:
         e = store.registry.entry_by_id(m.entry_id)
@@ -26,6 +27,7 @@ def show_version(store, v) -> dict:
         tv = sum(r.stored_bytes for r in store.registry.entry_blobs(e.id, "task_vector"))
         members.append({"entry": m.entry_name, "revision": m.revision, "modality": e.modality, "task": e.task,
                         "mask_density": m.mask_density, "scale": m.scale, "mask_bytes": mask_bytes.get(e.id, 0),
+                        "mask_storage": "stored" if e.id in mask_bytes or not derived else "derived",
                         "modality_side_bytes": own, "task_vector_bytes": tv, "source": e.source_path,
                         "description": e.description, "tags": e.tags})
     return {"version": v.number, "created_at": v.created_at, "created_by": v.created_by, "aliases": v.aliases,
@@ -72,7 +74,9 @@ def format_show(d: dict) -> str:
                      f"coding the results {phases['code']:.1f} s")
     lines.append("")
     rows = [[m["entry"], Right(f"r{m['revision']}"), m["modality"], m["task"], Right(f"{m['mask_density']:.1%}"),
-             Right(f"{m['scale']:.3g}"), Right(_human(m["mask_bytes"])), Right(_human(m["modality_side_bytes"]))]
+             Right(f"{m['scale']:.3g}"),
+             Right("derived" if m.get("mask_storage") == "derived" else _human(m["mask_bytes"])),
+             Right(_human(m["modality_side_bytes"]))]
             for m in d["members"]]
     lines.append(render_table(["entry", "rev", "modality", "task", "mask", "scale", "mask size", "own size"], rows))
     s = d["sizes"]

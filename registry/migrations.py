@@ -14,7 +14,7 @@ version (``tests/test_migrations.py``). Each applied step writes a ``migrate`` e
 its transaction. Prefer new tables and added columns
 with defaults; never rewrite or drop what older releases wrote.
 
-Hand-written rather than Alembic: three small steps keyed on the ``schema_version`` that every registry since
+Hand-written rather than Alembic: a few small steps keyed on the ``schema_version`` that every registry since
 0.1 already carries in ``meta``; Alembic would add its own version table that older stores lack.
 """
 
@@ -73,10 +73,17 @@ def _v4(conn: Connection) -> None:
     conn.execute(text("DELETE FROM meta WHERE key = :k"), {"k": MANIFESTS_META_KEY})
 
 
+def _v5(conn: Connection) -> None:
+    """Entries record their codec; every existing entry keeps its exact task vector ("lossless"). Releases
+    before schema 5 would misread an entry stored as 1-bit deltas, hence the version bump."""
+    _add_columns(conn, "entries", {"codec": "VARCHAR(16) NOT NULL DEFAULT 'lossless'"})
+
+
 STEPS: list[Step] = [
     Step(2, "entry revisions and descriptions, version descriptions and recipes, tags", _v2),
     Step(3, "blobs may use plane layouts (signs apart, sparse planes) that earlier releases cannot read", _v3),
     Step(4, "entries and versions record the digest of their manifest blob", _v4),
+    Step(5, "entries record their codec (lossless, or bitdelta: 1-bit deltas, lossy)", _v5),
 ]
 
 

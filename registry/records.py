@@ -65,6 +65,7 @@ class EntryRecord:
     superseded_by: int | None = None
     description: str = ""
     tags: dict = field(default_factory=dict)
+    codec: str = "lossless"  # or "bitdelta" (lossy: 1-bit deltas, served without merging; mmer_cl/bitdelta.py)
 
     @property
     def active(self) -> bool:
@@ -131,6 +132,7 @@ class EntryFacts:
     blobs: tuple[BlobRef, ...]
     manifest: str | None = None  # what the row records
     referenced: bool = False  # registered by reference: its task vectors are read from its source
+    codec: str = "lossless"
 
 
 @dataclass(frozen=True)

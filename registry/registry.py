@@ -262,11 +262,13 @@ class Registry:
         tags = self._tags(s, ENTRY, row.id) if s is not None else {}
         return EntryRecord(row.id, row.name, row.modality, row.task, row.source_path, row.fingerprint, row.keymap,
                            json.loads(row.stats), row.created_at, row.created_by, row.removed_at,
-                           row.revision or 1, row.lineage, row.superseded_by, row.description or "", tags)
+                           row.revision or 1, row.lineage, row.superseded_by, row.description or "", tags,
+                           row.codec or "lossless")
 
     def add_entry(self, base_id: int, name: str, modality: str, task: str, source_path: str, fingerprint: str,
                   keymap: str, stats: dict, blobs: Sequence[BlobRef], actor: str, trims: Sequence[Trim] = (), *,
-                  update: bool = False, description: str = "", tags: dict | None = None) -> EntryRecord:
+                  update: bool = False, description: str = "", tags: dict | None = None,
+                  codec: str = "lossless") -> EntryRecord:
         """Add an entry; with ``update``, a new revision of entry ``name`` that supersedes the current one.
 
         The superseded revision keeps its row, blobs and versions (renamed ``NAME@REVISION``), so
@@ -289,7 +291,8 @@ class Registry:
                 s.flush()
             row = EntryRow(base_id=base_id, name=name, modality=modality, task=task, source_path=source_path,
                            fingerprint=fingerprint, keymap=keymap, stats=strict_json(stats), created_by=actor,
-                           created_at=utcnow(), lineage=name, revision=revision, description=description or "")
+                           created_at=utcnow(), lineage=name, revision=revision, description=description or "",
+                           codec=codec)
             s.add(row)
             s.flush()
             if old is not None:
@@ -304,11 +307,11 @@ class Registry:
             if old is None:
                 self._event(s, actor, "register", f"entry {name}", "", f"{modality}/{task}",
                             {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs),
-                             "manifest": row.manifest})
+                             "manifest": row.manifest, "codec": codec})
             else:
                 self._event(s, actor, "update", f"entry {name}", f"r{revision - 1}", f"r{revision}",
                             {"source": source_path, "fingerprint": fingerprint, "blobs": len(blobs),
-                             "superseded_row": old.name, "manifest": row.manifest})
+                             "superseded_row": old.name, "manifest": row.manifest, "codec": codec})
             return self._entry_record(row, s)
 
     def entry_by_id(self, entry_id: int) -> EntryRecord:
@@ -392,6 +395,11 @@ class Registry:
             before = self._alias_label(s, alias)
             alias.version_id = None
             self._event(s, actor, "alias", CURRENT, before, "none", {"reason": f"entry {name} removed"})
+
+    def remove_entry(self, base_id: int, name: str, actor: str) -> None:
+        """Mark an entry removed without a new version (one no version holds: a 1-bit delta entry)."""
+        with self._tx() as s:
+            self._mark_removed(s, base_id, name, actor)
 
     def _mark_removed(self, s: Session, base_id: int, name: str, actor: str) -> None:
         row = s.scalar(select(EntryRow).where(EntryRow.base_id == base_id, EntryRow.name == name))
@@ -560,7 +568,8 @@ class Registry:
         except (ValueError, TypeError, AttributeError):  # unreadable stats: the manifest then differs, named
             referenced = None
         return EntryFacts(row.id, row.base_id, row.lineage or row.name, row.revision or 1, row.modality, row.task,
-                          row.fingerprint, row.keymap, tuple(blobs), row.manifest, referenced)
+                          row.fingerprint, row.keymap, tuple(blobs), row.manifest, referenced,
+                          row.codec or "lossless")
 
     def _version_facts(self, s: Session, row: VersionRow, blobs: Sequence[BlobRef] | None = None,
                        members: Sequence[VersionMemberRow] | None = None, entry_manifests: dict | None = None,

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4  # see registry/migrations.py for how older registries are brought up to it
+SCHEMA_VERSION = 5  # see registry/migrations.py for how older registries are brought up to it
 
 
 def utcnow() -> datetime:
@@ -74,6 +74,9 @@ class EntryRow(Base):
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
     # schema 4: the digest of the entry's manifest blob (see mmer_cl/manifests.py), like a git ref to a tree
     manifest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # schema 5: how the entry's LLM delta is stored: "lossless" (its exact task vector) or "bitdelta" (1-bit
+    # signs and one scale per matrix, lossy; see mmer_cl/bitdelta.py)
+    codec: Mapped[str] = mapped_column(String(16), default="lossless", server_default="lossless")
 
 
 class BlobColumns:
@@ -88,7 +91,7 @@ class BlobColumns:
 
 
 class EntryBlobRow(BlobColumns, Base):
-    """A blob that belongs to an entry (role task_vector | own | aux)."""
+    """A blob that belongs to an entry (role task_vector | own | aux | reference | bitdelta_*)."""
 
     __tablename__ = "entry_blobs"
     entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)

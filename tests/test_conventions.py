@@ -9,6 +9,7 @@ from mmer_cl.errors import ConfigError
 from mmer_cl.expansion import expand_tensor
 from mmer_cl.recipe import parse_recipe
 from mmer_cl.store import Store, StoreError
+from mmer_cl.versions import format_show
 from registry import RegistryError
 
 
@@ -97,7 +98,10 @@ def test_show_and_diff(store, family):
     shown = store.show(2)
     assert [m["entry"] for m in shown["members"]] == ["vision", "audio", "video"]
     assert shown["params"]["lam"] == 0.8 and shown["sizes"]["merged_bytes"] > 0
-    assert all(0 < m["mask_density"] <= 1 and m["mask_bytes"] > 0 for m in shown["members"])
+    assert all(0 < m["mask_density"] <= 1 for m in shown["members"])
+    # mmer masks are computed on read from each entry's task vector: none stored, shown as derived
+    assert all(m["mask_bytes"] == 0 and m["mask_storage"] == "derived" for m in shown["members"])
+    assert "derived" in format_show(shown)
     d = store.diff("v1", "v2")
     assert d["added"] == ["video"] and d["removed"] == [] and d["params"] == {"lam": [1.0, 0.8]}
     assert set(d["mask_density"]) == {"vision", "audio"}

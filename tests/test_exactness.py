@@ -1,4 +1,4 @@
-"""When a one-entry store gives its fine-tune back bit for bit (README, "The method, exactly": Precision).
+"""When a one-entry store gives its fine-tune back bit for bit (docs/method.md, "Precision").
 
 ``tau = theta - theta_0`` is computed one precision up (float32 for bf16/fp16 weights, float64 for
 float32 weights). It is exact when the larger of the two magnitudes is less than 2^15 (bf16), 2^12
@@ -19,7 +19,7 @@ from mmer_cl import MergeParams
 from mmer_cl.checkpoint import Checkpoint
 from mmer_cl.store import Store
 
-RATIO_BITS = {torch.bfloat16: 15, torch.float16: 12, torch.float32: 28}  # the README's documented range
+RATIO_BITS = {torch.bfloat16: 15, torch.float16: 12, torch.float32: 28}  # the range docs/method.md documents
 EXACT = MergeParams(density=1.0)
 
 

@@ -3,7 +3,7 @@
 Each case draws a transformers class (Llama, Mistral, Qwen2, GPT-2, Gemma with tied embeddings), a dtype,
 two or three entries (full fine-tunes touching random tensors, or peft LoRA adapters with random targets,
 ranks, alphas and rslora) and merge parameters; registers and expands them in a store; and checks every
-entry's export, tensor by tensor, against the method of README "The method, exactly" computed here in
+entry's export, tensor by tensor, against the method of docs/method.md computed here in
 float64 from the entries' own weights:
 
     tau_i = theta_i - theta_0            (a LoRA entry: B @ A * scaling as peft computes it, in float32)
@@ -11,7 +11,7 @@ float64 from the entries' own weights:
     tau_m = disjoint mean of the hat_i agreeing with sign(sum hat_i);  tau_* = alpha * tau_m
     m_i   = |tau_i| >= lambda * |tau_i - tau_*|;   export_i = theta_0 + m_i * tau_*
 
-Which of several magnitudes tied at a trim threshold are kept is a rule of its own (README); positions
+Which of several magnitudes tied at a trim threshold are kept is a rule of its own (docs/method.md); positions
 where such a tie decides, or where the mask inequality is an equality within the working precision, are
 left out of the comparison (they are counted, and must be rare), so the test holds whatever the tie rule.
 An export must lie within half a unit in the last place of its dtype (plus the working precision's

@@ -213,9 +213,9 @@ def _grow(path: Path, family: Path, second: MergeParams | None = None) -> Store:
     s = Store.init(path, family / "base", actor="ci")
     s.register(family / "vision", "vision", "vision")
     s.register(family / "audio", "audio", "audio")
-    s.expand(MergeParams(density=0.3))
+    s.expand(MergeParams(density=0.3), store_masks=True)
     s.register(family / "video", "video", "video")
-    s.expand(second)
+    s.expand(second, store_masks=True)
     return s
 
 
@@ -282,7 +282,7 @@ def test_a_blob_that_fails_to_decode_fails_the_expansion_and_records_no_version(
     s = Store.init(tmp_path / "store", family / "base", actor="ci")
     s.register(family / "vision", "vision", "vision")
     s.register(family / "audio", "audio", "audio")
-    real = expansion_plan._task_vector
+    real = expansion_plan.task_vector_from_spec
     calls = []
 
     def failing(reader, spec, device, checkpoints):
@@ -291,7 +291,7 @@ def test_a_blob_that_fails_to_decode_fails_the_expansion_and_records_no_version(
             raise OSError("disk gone")
         return real(reader, spec, device, checkpoints)
 
-    monkeypatch.setattr(expansion_plan, "_task_vector", failing)
+    monkeypatch.setattr(expansion_plan, "task_vector_from_spec", failing)
     with pytest.raises(OSError, match="disk gone"):
         s.expand(MergeParams(density=0.3))
     assert s.versions() == []

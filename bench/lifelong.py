@@ -189,7 +189,7 @@ def run(args) -> dict:
     params = sum(math.prod(s) for s in shapes.values())
     copy = 2 * params  # one bf16 checkpoint's weights
     base = work / "base"
-    build_base(base, shapes, config, args.shards)
+    built_in_child(base, shapes, config, args.shards)
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     mmer = MMER + ["--store", str(store), "-q"]
@@ -200,7 +200,7 @@ def run(args) -> dict:
           f"{'store/copies':>12} {'export new':>10} {'export v1':>9}  load")
     for k in range(1, args.n + 1):
         ft = work / f"ft{k}"
-        same = build_finetune(ft, shapes, config, args.shards, k, args.scale)
+        same = built_in_child(ft, shapes, config, args.shards, k, args.scale)
         reg = run_measured(mmer + ["register", str(ft), "--name", f"e{k}", "--modality", f"m{k}"])
         if not args.keep_models:
             shutil.rmtree(ft)
@@ -264,7 +264,30 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def built_in_child(directory: Path, shapes: dict, config: dict, shards: int, which: int | None = None,
+                   scale: float = 0.0) -> float:
+    """Build the base (``which`` None) or fine-tune ``which`` in a process of its own, so that this process
+    stays small: a child's peak RSS as ``wait4`` reports it is at least its parent's RSS at fork time."""
+    spec = json.dumps({"directory": str(directory), "shapes": {k: list(v) for k, v in shapes.items()},
+                       "config": config, "shards": shards, "which": which, "scale": scale})
+    done = subprocess.run([sys.executable, __file__, "_build", spec], check=True, capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _build_here(spec: str) -> None:
+    d = json.loads(spec)
+    shapes = {k: tuple(v) for k, v in d["shapes"].items()}
+    if d["which"] is None:
+        build_base(Path(d["directory"]), shapes, d["config"], d["shards"])
+        print(1.0)
+    else:
+        print(build_finetune(Path(d["directory"]), shapes, d["config"], d["shards"], d["which"], d["scale"]))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "_build":
+        _build_here(sys.argv[2])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--intermediate", type=int, default=1792)

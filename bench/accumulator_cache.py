@@ -5,7 +5,7 @@
 
 An incremental expansion recomputes the ties merge by folding every
 member's trimmed task vector, in one compiled pass that also computes every
-member's mask (``mmer_cl/fused.py``). DESIGN.md's incremental form would
+member's mask (``mmer_cl/method/fused.py``). DESIGN.md's incremental form would
 instead keep the accumulators ``S+, S-, N+, N-`` of the earlier members and
 fold in only the new one, so that the merge reads one task vector. This
 script measures, over every float tensor of the model, one tensor at a time
@@ -38,10 +38,10 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmer_cl import fused  # noqa: E402
-from mmer_cl.accumulators import TiesAccumulator  # noqa: E402
-from mmer_cl.merging import apply_trim, trim_threshold  # noqa: E402
-from mmer_cl.task_vector import task_vector  # noqa: E402
+from mmer_cl.method import fused  # noqa: E402
+from mmer_cl.method.accumulators import TiesAccumulator  # noqa: E402
+from mmer_cl.method.merging import apply_trim, trim_threshold  # noqa: E402
+from mmer_cl.method.task_vector import task_vector  # noqa: E402
 from storage import decode, encode  # noqa: E402
 
 

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from mmer_cl.masks import mmer_mask
-from mmer_cl.merging import ties, trim
-from mmer_cl.report import binary_entropy
-from mmer_cl.task_vector import task_vector
+from mmer_cl.method.masks import mmer_mask
+from mmer_cl.method.merging import ties, trim
+from mmer_cl.store.report_tables import binary_entropy
+from mmer_cl.method.task_vector import task_vector
 from storage.codecs import decode, encode, encode_with
 
 

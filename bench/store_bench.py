@@ -207,7 +207,7 @@ def one_repeat(base: Path, fts: list[Path], work: Path, density: float, mergekit
     rep["mmer merge_checkpoints (3)"] = run_measured([sys.executable, "-c", code])
     shutil.rmtree(out, ignore_errors=True)
 
-    code = ("import sys; from storage.codecs import encode; from mmer_cl.checkpoint import Checkpoint; "
+    code = ("import sys; from storage.codecs import encode; from mmer_cl.checkpoints.checkpoint import Checkpoint; "
             "c = Checkpoint(sys.argv[1]); [encode(c.get(n)) for n in c.names()]")
     rep["read + compress one checkpoint"] = run_measured([sys.executable, "-c", code, str(fts[0])])
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def bf16_ties() -> None:
     import lifelong
-    from mmer_cl.merging import sortable_magnitudes, trim, trim_threshold
+    from mmer_cl.method.merging import sortable_magnitudes, trim, trim_threshold
 
     shapes = lifelong.shapes_of(640, 1792, 1, 2000, 10, 10)
     for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):

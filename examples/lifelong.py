@@ -29,7 +29,7 @@ from mmer_family.tasks import TASKS  # noqa: E402
 
 from mmer_cl import MergeParams  # noqa: E402
 from mmer_cl.store import Store  # noqa: E402
-from mmer_cl.table import render_table  # noqa: E402
+from mmer_cl.runtime.table import render_table  # noqa: E402
 
 ARRIVALS = ("vision_digit", "audio_digit", "audio_speaker")
 

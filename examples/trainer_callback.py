@@ -35,7 +35,7 @@ from mmer_family.tasks import TASKS, Task  # noqa: E402
 from mmer_cl import MergeParams  # noqa: E402
 from mmer_cl.integrations import MMERCallback  # noqa: E402
 from mmer_cl.store import Store  # noqa: E402
-from mmer_cl.table import render_table  # noqa: E402
+from mmer_cl.runtime.table import render_table  # noqa: E402
 
 CHECKPOINTS = HERE / "checkpoints"
 EARLIER = ("vision_digit", "audio_digit")

@@ -1,13 +1,20 @@
 """mmer-cl: give an LLM new modalities over time, without training, by MMER.
 
-The pure math lives in :mod:`mmer_cl.task_vector`, :mod:`mmer_cl.merging`,
-:mod:`mmer_cl.accumulators`, :mod:`mmer_cl.masks` and
-:mod:`mmer_cl.reconstruct`; checkpoint I/O in :mod:`mmer_cl.checkpoint`,
-:mod:`mmer_cl.keymap` and :mod:`mmer_cl.writer`; the register-free path in
-:mod:`mmer_cl.pipeline`.
+The packages, one concern each (each ``__init__`` says what it may import):
+
+* :mod:`mmer_cl.method`: the paper's math, pure functions on tensors (task vectors, merging, masks, accumulators,
+  fused kernels, reconstruction, :class:`MergeParams`);
+* :mod:`mmer_cl.checkpoints`: reading, mapping and writing checkpoints and adapters;
+* :mod:`mmer_cl.store`: the versioned :class:`Store`, one module per verb (register, expand, versions, export,
+  audit, report), and the register-free path (:mod:`mmer_cl.store.pipeline`);
+* :mod:`mmer_cl.compose`: one LLM serving every entry; :mod:`mmer_cl.distributed`: expansions on Ray;
+  :mod:`mmer_cl.integrations`: the Trainer callback;
+* :mod:`mmer_cl.cli`: the ``mmer`` command; :mod:`mmer_cl.runtime`: process plumbing (threads, Ctrl-C, faults).
 
 The names below are imported on first use, so ``import mmer_cl`` (and the
-``mmer`` command's start-up, e.g. ``mmer --help``) does not load torch.
+``mmer`` command's start-up, e.g. ``mmer --help``) does not load torch. Old
+module paths (``mmer_cl.merging``, ...) still import, with a DeprecationWarning,
+until 0.4 (see :mod:`mmer_cl._moved`).
 """
 
 from __future__ import annotations
@@ -23,12 +30,21 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mmer_cl.errors import CheckpointError, ConfigError, KeyMappingError, MmerError  # noqa: E402
 
+from mmer_cl import _moved  # noqa: E402
+
+_moved.install()  # old module paths (mmer_cl.merging, ...) until 0.4
+
 __version__ = "0.2.0"
 
-_LAZY = {
-    "Checkpoint": "mmer_cl.checkpoint", "KeyMap": "mmer_cl.keymap", "map_keys": "mmer_cl.keymap",
-    "MergeParams": "mmer_cl.params", "export_merged_llm": "mmer_cl.pipeline", "export_modality": "mmer_cl.pipeline",
-    "merge_checkpoints": "mmer_cl.pipeline",
+_LAZY = {  # public name -> the module it is imported from on first use
+    "Checkpoint": "mmer_cl.checkpoints.checkpoint",
+    "export_merged_llm": "mmer_cl.store.pipeline",
+    "export_modality": "mmer_cl.store.pipeline",
+    "KeyMap": "mmer_cl.checkpoints.keymap",
+    "map_keys": "mmer_cl.checkpoints.keymap",
+    "merge_checkpoints": "mmer_cl.store.pipeline",
+    "MergeParams": "mmer_cl.method.params",
+    "Store": "mmer_cl.store",
 }
 
 
@@ -40,7 +56,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mmer_cl' has no attribute {name!r}")
 
 
-__all__ = [
+__all__ = ["Store", 
     "Checkpoint", "CheckpointError", "ConfigError", "KeyMap", "KeyMappingError", "MergeParams",
     "MmerError", "export_merged_llm", "export_modality", "map_keys", "merge_checkpoints",
 ]

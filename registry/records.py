@@ -65,7 +65,7 @@ class EntryRecord:
     superseded_by: int | None = None
     description: str = ""
     tags: dict = field(default_factory=dict)
-    codec: str = "lossless"  # or "bitdelta" (lossy: 1-bit deltas, served without merging; mmer_cl/bitdelta.py)
+    codec: str = "lossless"  # or "bitdelta" (lossy: 1-bit deltas, served without merging; mmer_cl/method/bitdelta.py)
 
     @property
     def active(self) -> bool:

@@ -20,8 +20,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mmer_cl.errors import MmerError
-from mmer_cl.faults import fault_point
-from mmer_cl.names import validate_actor
+from mmer_cl.runtime.faults import fault_point
+from mmer_cl.runtime.names import validate_actor
 from registry import postgres, urls
 from registry.records import (BaseRecord, BaseTensor, BlobRef, EntryFacts, EntryRecord, EventRecord, Member, Trim,
                               VersionFacts, VersionRecord)
@@ -41,7 +41,7 @@ class RegistryError(MmerError):
 
 
 class Describer(Protocol):
-    """Writes the manifest blob of a new entry or version and returns its digest (see mmer_cl/manifests.py)."""
+    """Writes the manifest blob of a new entry or version and returns its digest (see mmer_cl/store/manifests.py)."""
 
     def entry(self, facts: EntryFacts) -> str: ...
 

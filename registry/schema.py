@@ -72,10 +72,10 @@ class EntryRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     superseded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
-    # schema 4: the digest of the entry's manifest blob (see mmer_cl/manifests.py), like a git ref to a tree
+    # schema 4: the digest of the entry's manifest blob (see mmer_cl/store/manifests.py), like a git ref to a tree
     manifest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # schema 5: how the entry's LLM delta is stored: "lossless" (its exact task vector) or "bitdelta" (1-bit
-    # signs and one scale per matrix, lossy; see mmer_cl/bitdelta.py)
+    # signs and one scale per matrix, lossy; see mmer_cl/method/bitdelta.py)
     codec: Mapped[str] = mapped_column(String(16), default="lossless", server_default="lossless")
 
 
@@ -112,7 +112,7 @@ class VersionRow(Base):
     # schema 2: a description and the recipe (YAML text) the version was expanded from.
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
     recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # schema 4: the digest of the version's manifest blob (see mmer_cl/manifests.py)
+    # schema 4: the digest of the version's manifest blob (see mmer_cl/store/manifests.py)
     manifest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
@@ -138,7 +138,7 @@ class TrimRow(Base):
     """What trimming kept of one entry's task vector for one tensor at one density.
 
     Two integers that let a later expansion trim the entry again with one
-    comparison (see ``mmer_cl.merging.TrimThreshold``): a cache, derivable
+    comparison (see ``mmer_cl.method.merging.TrimThreshold``): a cache, derivable
     from the task vector, written with the version that first computed it.
     """
 

@@ -10,7 +10,7 @@ query parameters are masked too.
 A driver's own error text may quote part of the URL (``failed to resolve host
 'w9secret@127.0.0.1'`` when the password holds an ``@``). So every URL that
 mmer opens is first given to :func:`remember`, and :func:`scrub` replaces each
-remembered secret (and its pieces) in any text; :func:`mmer_cl.failures.describe_failure`
+remembered secret (and its pieces) in any text; :func:`mmer_cl.runtime.failures.describe_failure`
 scrubs every message the CLI prints.
 """
 

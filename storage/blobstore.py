@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from mmer_cl.errors import MmerError
-from mmer_cl.faults import fault_point
+from mmer_cl.runtime.faults import fault_point
 from storage.backends import MARKER_NAME, PAGE_SIZE, Backend, BackendError, open_backend  # noqa: F401
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from mmer_cl.accumulators import TiesAccumulator
-from mmer_cl.expansion import accumulate, expand_tensor
-from mmer_cl.merging import ties, trim
-from mmer_cl.masks import mmer_mask
-from mmer_cl.params import MergeParams
+from mmer_cl.method.accumulators import TiesAccumulator
+from mmer_cl.method.expansion import accumulate, expand_tensor
+from mmer_cl.method.merging import ties, trim
+from mmer_cl.method.masks import mmer_mask
+from mmer_cl.method.params import MergeParams
 
 
 def random_taus(n, shape=(17, 23), seed=0):
@@ -52,8 +52,8 @@ def test_accumulator_round_trips_through_a_dict_of_tensors():
 
 
 def test_large_tensors_merged_piece_by_piece_equal_the_accumulators(monkeypatch):
-    import mmer_cl.expansion as expansion
-    from mmer_cl.merging import trim_threshold
+    import mmer_cl.method.expansion as expansion
+    from mmer_cl.method.merging import trim_threshold
 
     taus = random_taus(3, shape=(50, 41), seed=7)
     for t in taus:

@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from mmer_cl.errors import StoreDamagedError
-from mmer_cl.locks import advisory_key, writer_lock
+from mmer_cl.store.locks import advisory_key, writer_lock
 from mmer_cl.store import Store, StoreError
 from registry.postgres import normalise_url
 from registry.registry import shown_url

@@ -14,14 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmer_cl import MergeParams, bitdelta
-from mmer_cl.bitdelta_entries import ROLES
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl import MergeParams
+from mmer_cl.method import bitdelta
+from mmer_cl.store.bitdelta_entries import ROLES
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.cli import cli
 from mmer_cl.errors import ConfigError, MmerError
-from mmer_cl.report import format_report
+from mmer_cl.store.report_tables import format_report
 from mmer_cl.store import Store, StoreError
-from mmer_cl.task_vector import task_vector
+from mmer_cl.method.task_vector import task_vector
 
 PREFIX = "language_model."  # the LLaVA fine-tunes' LLM keys are the base's keys under this prefix
 

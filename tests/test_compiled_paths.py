@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmer_cl import fused
-from mmer_cl.expansion import masks_in_pieces, ties_from_thresholds
-from mmer_cl.merging import trim_threshold
+from mmer_cl.method import fused
+from mmer_cl.method.expansion import masks_in_pieces, ties_from_thresholds
+from mmer_cl.method.merging import trim_threshold
 from storage import codecs, delta, jit
 
 
@@ -126,7 +126,7 @@ def test_the_fused_pass_declines_what_it_does_not_compute():
 
 
 def test_bf16_reconstruction_rounds_like_torch_signed_zeros_and_overflow_included(monkeypatch):
-    from mmer_cl.reconstruct import reconstruct
+    from mmer_cl.method.reconstruct import reconstruct
 
     g = torch.Generator().manual_seed(3)
     n = 2 * 4096 + 11
@@ -143,7 +143,7 @@ def test_bf16_reconstruction_rounds_like_torch_signed_zeros_and_overflow_include
 
 
 def test_the_finiteness_check_finds_a_nan_or_inf_anywhere_in_every_float_dtype(monkeypatch):
-    from mmer_cl.dtypes import all_finite
+    from mmer_cl.checkpoints.dtypes import all_finite
 
     monkeypatch.setenv("MMER_JIT", "1")
     for dtype in DTYPES:
@@ -179,7 +179,7 @@ def test_masks_coded_against_a_parent_come_back_the_same_both_ways(monkeypatch):
 
 
 def test_sum_of_squares_and_zero_fraction_agree_both_ways(monkeypatch):
-    from mmer_cl.task_vector import sum_of_squares
+    from mmer_cl.method.task_vector import sum_of_squares
 
     for dtype in DTYPES:
         for name, t in tensors(dtype).items():
@@ -204,7 +204,7 @@ def test_suspending_the_compiled_loops_switches_every_thread_to_the_plain_paths(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_reconstruction_from_the_sparse_form_equals_the_dense_one_bit_for_bit(monkeypatch, dtype):
-    from mmer_cl.reconstruct import SparseMerged, reconstruct, reconstruct_sparse
+    from mmer_cl.method.reconstruct import SparseMerged, reconstruct, reconstruct_sparse
 
     g = torch.Generator().manual_seed(5)
     n = 2 * 4096 + 13  # blocks and bytes of bits both end part-way
@@ -226,7 +226,7 @@ def test_reconstruction_from_the_sparse_form_equals_the_dense_one_bit_for_bit(mo
 
 
 def test_a_sparse_form_whose_map_and_values_disagree_is_refused():
-    from mmer_cl.reconstruct import SparseMerged, reconstruct_sparse
+    from mmer_cl.method.reconstruct import SparseMerged, reconstruct_sparse
 
     bits = torch.from_numpy(np.packbits(np.array([1, 0, 1, 1], dtype=np.uint8)))
     with pytest.raises(ValueError, match="disagree"):
@@ -235,7 +235,7 @@ def test_a_sparse_form_whose_map_and_values_disagree_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_one_pass_task_vector_and_norms_equal_the_separate_functions(dtype):
-    from mmer_cl.task_vector import sum_of_squares, task_vector, task_vector_and_squares
+    from mmer_cl.method.task_vector import sum_of_squares, task_vector, task_vector_and_squares
 
     g = torch.Generator().manual_seed(3)
     for n in (1, 4095, 4097, 3 * 4096 + 5):
@@ -257,7 +257,7 @@ def test_the_one_pass_task_vector_and_norms_equal_the_separate_functions(dtype):
     (4, 1.0, [1.0] * 4, 1.0, 1),  # density 1 keeps everything (threshold -1)
 ])
 def test_the_hash_tie_rule_gives_the_same_bits_compiled_fused_and_plain(monkeypatch, k, alpha, lams, density, seed):
-    from mmer_cl.merging import with_tie_rule
+    from mmer_cl.method.merging import with_tie_rule
 
     g = torch.Generator().manual_seed(k)
     n = 3 * 4096 + 5
@@ -278,8 +278,8 @@ def test_the_hash_tie_rule_gives_the_same_bits_compiled_fused_and_plain(monkeypa
 
 
 def test_the_hash_tie_rule_trims_piece_by_piece_as_it_trims_the_whole(monkeypatch):
-    import mmer_cl.expansion as expansion
-    from mmer_cl.merging import keep_count, trim, with_tie_rule
+    import mmer_cl.method.expansion as expansion
+    from mmer_cl.method.merging import keep_count, trim, with_tie_rule
 
     g = torch.Generator().manual_seed(9)
     taus = [torch.randint(-4, 5, (53, 41), generator=g).float() / 16 for _ in range(3)]

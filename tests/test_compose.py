@@ -12,11 +12,11 @@ from torch.func import functional_call
 import builders
 import compose_builders as cb
 from mmer_cl import MergeParams
-from mmer_cl.adapters import AdapterError, LlavaAdapter, register_adapter
+from mmer_cl.compose.adapters import AdapterError, LlavaAdapter, register_adapter
 from mmer_cl.compose import CompositionError
 from mmer_cl.compose.bits import pack_bits, unpack_bits
 from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache, expand
-from mmer_cl.reconstruct import reconstruct
+from mmer_cl.method.reconstruct import reconstruct
 from mmer_cl.store import Store
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -208,7 +208,7 @@ def reference_mixed_logits(store, ids, routes, image, audio):
     keeping its own route's output. ``routes``: 0 base, 1 vision, 2 audio per token."""
     from transformers import Qwen2ForCausalLM
 
-    from mmer_cl.adapters import Qwen2AudioAdapter
+    from mmer_cl.compose.adapters import Qwen2AudioAdapter
 
     vision, audio_model = store.load("vision"), store.load("audio")
     plain = Qwen2ForCausalLM.from_pretrained(store.base().source_path)

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.errors import ConfigError
-from mmer_cl.expansion import expand_tensor
-from mmer_cl.recipe import parse_recipe
+from mmer_cl.method.expansion import expand_tensor
+from mmer_cl.store.recipe import parse_recipe
 from mmer_cl.store import Store, StoreError
-from mmer_cl.versions import format_show
+from mmer_cl.store.version_tables import format_show
 from registry import RegistryError
 
 

@@ -46,7 +46,7 @@ def template(family, tmp_path_factory):
 def interrupted_run(store: Path, args: list, delay: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MMER_ACTOR": "ctrl-c"}
     env.pop("MMER_DEBUG", None)
-    process = subprocess.Popen([sys.executable, "-m", "mmer_cl.entry", "--store", str(store), "-q", *map(str, args)],
+    process = subprocess.Popen([sys.executable, "-m", "mmer_cl.cli.entry", "--store", str(store), "-q", *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
@@ -97,7 +97,7 @@ def test_ctrl_c_at_every_delay_up_to_five_seconds(template, tmp_path, command, d
 
 def test_an_interrupt_library_code_turned_into_another_error_is_reported_as_the_interrupt(tmp_path):
     """numba's import, cut by Ctrl-C, raised RecursionError: reported as "internal error", exit 1, before."""
-    code = ("import signal, mmer_cl.cli as cli, mmer_cl.interrupts as i\n"
+    code = ("import signal, mmer_cl.cli as cli, mmer_cl.runtime.interrupts as i\n"
             "i.remember_interrupts()\n"
             "@cli.cli.command('boom')\n"
             "def boom():\n"

@@ -16,9 +16,9 @@ import torch
 
 import builders
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
-from mmer_cl.derived_masks import mask_at_nonzero, read_once_for_two
-from mmer_cl.expansion import masks_in_pieces
+from mmer_cl.checkpoints.checkpoint import Checkpoint
+from mmer_cl.store.derived_masks import mask_at_nonzero, read_once_for_two
+from mmer_cl.method.expansion import masks_in_pieces
 from mmer_cl.store import Store
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.store import Store
 
 RATIO_BITS = {torch.bfloat16: 15, torch.float16: 12, torch.float32: 28}  # the range docs/method.md documents

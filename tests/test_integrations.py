@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import builders
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.integrations import MMERCallback
 from mmer_cl.store import Store
 

@@ -3,7 +3,7 @@
 import pytest
 
 from mmer_cl.errors import KeyMappingError
-from mmer_cl.keymap import KeyMap, map_keys
+from mmer_cl.checkpoints.keymap import KeyMap, map_keys
 
 BASE = {
     "model.embed_tokens.weight": (10, 4),
@@ -136,7 +136,7 @@ def test_a_whisper_fine_tune_registered_with_llm_prefix_exports_bit_for_bit(tmp_
     from transformers import WhisperConfig, WhisperForCausalLM, WhisperForConditionalGeneration
 
     from mmer_cl import MergeParams
-    from mmer_cl.checkpoint import Checkpoint
+    from mmer_cl.checkpoints.checkpoint import Checkpoint
     from mmer_cl.store import Store
 
     config = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,

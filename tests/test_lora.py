@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 import builders
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.errors import CheckpointError
-from mmer_cl.lora import LoraCheckpoint, _loose, lora_delta, lora_scaling
+from mmer_cl.checkpoints.lora import LoraCheckpoint, _loose, lora_delta, lora_scaling
 from mmer_cl.store import Store
 
 peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install -e '.[peft]' in a clone of mmer-cl)")

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mmer_cl.errors import ConfigError
-from mmer_cl.masks import compute_masks, consensus_mask, emr_mask, emr_rescale, masked_abs_sums, mmer_mask
-from mmer_cl.merging import ties
-from mmer_cl.reconstruct import reconstruct
-from mmer_cl.task_vector import task_vector
+from mmer_cl.method.masks import compute_masks, consensus_mask, emr_mask, emr_rescale, masked_abs_sums, mmer_mask
+from mmer_cl.method.merging import ties
+from mmer_cl.method.reconstruct import reconstruct
+from mmer_cl.method.task_vector import task_vector
 
 T1 = torch.tensor([1.0, -2.0, 0.5, 0.0])
 T2 = torch.tensor([3.0, 1.0, -0.5, 0.0])

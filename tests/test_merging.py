@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mmer_cl.errors import ConfigError
-from mmer_cl.merging import average, dare, dare_ties, keep_count, merge, task_arithmetic, ties, trim
-from mmer_cl.task_vector import apply_delta, task_vector
+from mmer_cl.method.merging import average, dare, dare_ties, keep_count, merge, task_arithmetic, ties, trim
+from mmer_cl.method.task_vector import apply_delta, task_vector
 
 T1 = torch.tensor([1.0, -2.0, 0.5, 0.0])
 T2 = torch.tensor([3.0, 1.0, -0.5, 0.0])
@@ -101,7 +101,7 @@ def test_merges_reject_mismatched_shapes_and_empty_input():
 
 
 def test_the_hash_tie_rule_keeps_the_count_and_spreads_ties_over_the_tensor():
-    from mmer_cl.merging import keep_count
+    from mmer_cl.method.merging import keep_count
 
     tau = torch.full((200, 50), 0.25)  # every magnitude ties at the threshold
     tau[7, 3] = 1.0
@@ -121,7 +121,7 @@ def test_the_hash_tie_rule_keeps_the_count_and_spreads_ties_over_the_tensor():
 def test_the_hash_tie_rule_keeps_the_ties_with_the_smallest_hashes():
     import numpy as np
 
-    from mmer_cl.merging import tie_hash
+    from mmer_cl.method.merging import tie_hash
 
     g = torch.Generator().manual_seed(3)
     tau = torch.randint(-3, 4, (997,), generator=g).float() / 8  # few distinct magnitudes: many ties
@@ -140,8 +140,8 @@ def test_an_unknown_tie_rule_is_refused():
 
 
 def test_new_versions_record_the_hash_tie_rule_and_older_records_read_as_earliest():
-    from mmer_cl.params import MergeParams
-    from mmer_cl.recipe import parse_recipe
+    from mmer_cl.method.params import MergeParams
+    from mmer_cl.store.recipe import parse_recipe
 
     assert MergeParams().tie_rule == "hash"
     assert MergeParams().to_dict()["tie_rule"] == "hash"

@@ -8,7 +8,7 @@ import torch
 from sqlalchemy import create_engine
 
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.store import Store
 from registry import SCHEMA_VERSION, Registry, RegistryError, sqlite_url
 from registry.migrations import STEPS, read_version, upgrade

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.errors import CheckpointError
-from mmer_cl.lora import LoraCheckpoint
+from mmer_cl.checkpoints.lora import LoraCheckpoint
 from mmer_cl.store import Store
 
 peft = pytest.importorskip("peft", reason="the peft extra is not installed (pip install -e '.[peft]' in a clone of mmer-cl)")

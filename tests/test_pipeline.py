@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
 import builders
 from mmer_cl import MergeParams, export_merged_llm, export_modality, merge_checkpoints
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.errors import KeyMappingError, MmerError
 
 

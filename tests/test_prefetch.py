@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mmer_cl.prefetch import prefetched
+from mmer_cl.runtime.prefetch import prefetched
 
 
 def test_items_come_in_order_and_all_of_them():

@@ -16,8 +16,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import builders
-from mmer_cl.checkpoint import Checkpoint
-from mmer_cl.masks import mmer_mask
+from mmer_cl.checkpoints.checkpoint import Checkpoint
+from mmer_cl.method.masks import mmer_mask
 from mmer_cl.store import Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v0_1"
@@ -86,7 +86,7 @@ def test_an_old_store_gets_manifests_on_its_first_write_locked_open_and_is_trust
     """Release 0.1 wrote no manifests. An open that cannot take the writer lock at once (another writer at
     work; or a read-only store) leaves them for later: audit trusts the rows, and says so. The next open
     that can writes one per entry and version, logged, and audit then checks every row against them."""
-    from mmer_cl.locks import file_lock
+    from mmer_cl.store.locks import file_lock
 
     shutil.copytree(FIXTURE, tmp_path / "old")
     root = tmp_path / "old" / "store"

@@ -8,7 +8,7 @@ import re
 from click.testing import CliRunner
 
 from mmer_cl.cli import cli
-from mmer_cl.progress import Progress
+from mmer_cl.runtime.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -73,7 +73,7 @@ def test_an_exported_recipe_rebuilds_its_version_bit_for_bit(family, tmp_path):
     from click.testing import CliRunner
 
     from mmer_cl.cli import cli
-    from mmer_cl.recipe import RECIPE_FILE, parse_recipe
+    from mmer_cl.store.recipe import RECIPE_FILE, parse_recipe
     from registry import SCHEMA_VERSION
 
     store_dir = tmp_path / "store"
@@ -123,7 +123,7 @@ def test_every_merge_parameter_is_a_recipe_key_and_round_trips():
     """Generic over MergeParams' fields: a field added there is written and read without a change to recipes."""
     import dataclasses
 
-    from mmer_cl.recipe import param_keys, parse_recipe, version_recipe
+    from mmer_cl.store.recipe import param_keys, parse_recipe, version_recipe
 
     params = MergeParams(method="dare_ties", density=0.4, alpha=0.9, mask_rule="consensus", lam=0.7, k=3, seed=5,
                          lam_per_entry={"b": 0.5})

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mmer_cl.cli import cli
 from mmer_cl.errors import ConfigError
-from mmer_cl.report import load_retention, plot_points
+from mmer_cl.store.report_tables import load_retention, plot_points
 
 DEMO_RESULTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "results.json"
 

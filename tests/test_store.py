@@ -8,7 +8,7 @@ from transformers import LlavaForConditionalGeneration
 
 import builders
 from mmer_cl import MergeParams, export_modality, merge_checkpoints
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.errors import KeyMappingError
 from mmer_cl.store import Store, StoreError
 from registry import RegistryError
@@ -161,7 +161,7 @@ def test_model_from_another_base_is_refused_and_the_store_is_unchanged(store, tm
 def test_failed_expand_leaves_the_store_exactly_as_before(store, monkeypatch):
     store.expand()
     before = snapshot(store.root)
-    import mmer_cl.expansion_plan as store_module
+    import mmer_cl.store.expansion_plan as store_module
 
     calls = {"n": 0}
     real = store_module.expand_tensor

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mmer_cl.expansion_plan as expansion_plan
+import mmer_cl.store.expansion_plan as expansion_plan
 import storage.delta as delta
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.store import Store
 from storage import header_of
 
@@ -178,7 +178,7 @@ def test_an_entry_registered_by_reference_keeps_no_task_vector_and_merges_the_sa
             tensor_bytes_of(referenced.export(name, tmp_path / "r" / name))
 
     # The checkpoint changes where it lies: the next expansion names it and changes nothing.
-    from mmer_cl.references import ReferenceError
+    from mmer_cl.checkpoints.references import ReferenceError
 
     shard = sorted((tmp_path / "audio").glob("*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
@@ -196,7 +196,7 @@ def test_an_entry_registered_by_reference_keeps_no_task_vector_and_merges_the_sa
 
 
 def test_the_largest_tensor_groups_are_never_read_side_by_side():
-    from mmer_cl.expansion_plan import TensorJob, _spaced
+    from mmer_cl.store.expansion_plan import TensorJob, _spaced
 
     def group(key, numel):
         return (TensorJob(key=key, numel=numel, task_vectors=(), thresholds=(), prev_merged=None, prev_masks=()),)

@@ -13,8 +13,8 @@ import torch
 
 from mmer_cl import MergeParams
 from mmer_cl.errors import MmerError
-from mmer_cl.expansion import expand_tensor, expand_tensor_streamed
-from mmer_cl.expansion_plan import DEFAULT_MEMORY_BUDGET, memory_budget
+from mmer_cl.method.expansion import expand_tensor, expand_tensor_streamed
+from mmer_cl.store.expansion_plan import DEFAULT_MEMORY_BUDGET, memory_budget
 from mmer_cl.store import Store
 
 

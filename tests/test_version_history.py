@@ -16,8 +16,8 @@ import builders
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
 from mmer_cl import MergeParams
-from mmer_cl.checkpoint import Checkpoint
-from mmer_cl.keymap import KeyMap
+from mmer_cl.checkpoints.checkpoint import Checkpoint
+from mmer_cl.checkpoints.keymap import KeyMap
 from mmer_cl.store import Store
 
 PARAMS = MergeParams(density=0.5)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mmer_cl.write_behind import write_behind
+from mmer_cl.runtime.write_behind import write_behind
 from storage.blobstore import sha256
 
 
@@ -66,7 +66,7 @@ def test_leaving_the_block_on_an_error_waits_for_the_writer_so_nothing_lands_aft
 
 
 def test_a_recorded_ctrl_c_is_raised_at_the_next_put_even_if_it_was_swallowed_before():
-    import mmer_cl.interrupts as interrupts
+    import mmer_cl.runtime.interrupts as interrupts
 
     interrupts._requested.set()  # what the CLI's SIGINT handler records before raising
     try:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmer_cl.errors import MmerError
-from mmer_cl.writer import ShardedWriter, TensorSpec, atomic_directory, plan_shards
+from mmer_cl.checkpoints.writer import ShardedWriter, TensorSpec, atomic_directory, plan_shards
 
 SPECS = [TensorSpec("a", (4, 4), "F32"), TensorSpec("b", (8,), "BF16"), TensorSpec("c", (3,), "BOOL"),
          TensorSpec("d", (), "I64")]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmer_cl.progress import Progress
+from mmer_cl.runtime.progress import Progress
 from mmer_family.model import load_mllm
 from mmer_family.scoring import accuracy, answer_batch, perplexity
 from mmer_family.tasks import TASKS

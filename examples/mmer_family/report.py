@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from mmer_cl.report import human_bytes
+from mmer_cl.store.report_tables import human_bytes
 from mmer_family.evaluate import METHODS, ORDER
 from mmer_family.tasks import TASKS
 

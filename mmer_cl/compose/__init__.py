@@ -1,7 +1,7 @@
 """Expansion: one composed model serving every registered modality, mixed inputs routed per token.
 
 ``Store.compose()`` gathers the sources; :func:`build_composed` assembles a
-:class:`ComposedModel`; :mod:`mmer_cl.adapters` says how each model family
+:class:`ComposedModel`; :mod:`mmer_cl.compose.adapters` says how each model family
 turns its modality input into token embeddings.
 """
 

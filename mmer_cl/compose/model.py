@@ -10,10 +10,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from mmer_cl.adapters import FamilyAdapter, adapter_for, config_of
+from mmer_cl.compose.adapters import FamilyAdapter, adapter_for, config_of
 from mmer_cl.compose.routing import CompositionError, Router, parameters_on_meta, route_modules
 from mmer_cl.compose.weights import BASE, MERGED, RoutedTensor, WeightCache
-from mmer_cl.keymap import KeyMap
+from mmer_cl.checkpoints.keymap import KeyMap
 
 TensorSource = Callable[[str], torch.Tensor]
 DEFAULT_CACHE_BYTES = 64 * 2**20  # dense copies of routes that cannot live in the working copy (emr scales, rows)

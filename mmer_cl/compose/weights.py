@@ -9,7 +9,7 @@ a :class:`RoutedTensor` holds:
 * ``working``: ONE dense tensor in the base dtype, currently equal to some
   route's weights (the *resident* route), which the LLM module uses directly;
 * ``nz``: a bitmap of the positions where the base and the merged-applied
-  weight (:func:`mmer_cl.reconstruct.reconstruct` with mask 1) differ in their
+  weight (:func:`mmer_cl.method.reconstruct.reconstruct` with mask 1) differ in their
   bit patterns (1 bit per parameter; where ``tau_*`` is nonzero when some route
   has ``scale != 1``);
 * at those positions, the XOR of the two bit patterns, split in halves: the low
@@ -40,7 +40,7 @@ from collections import OrderedDict
 import torch
 
 from mmer_cl.compose.bits import int_view_dtype, pack_bits, unpack_bits
-from mmer_cl.reconstruct import reconstruct
+from mmer_cl.method.reconstruct import reconstruct
 
 BASE, MERGED = 0, 1
 CHUNK = 1 << 18  # elements per step when building or toggling (a multiple of 8); temporaries ~ 10 x CHUNK bytes

@@ -2,14 +2,14 @@
 
 The driver (``Store.expand(runner=RayRunner(...))``, or ``mmer expand --ray``)
 holds the store's writer lock, plans the expansion from the registry
-(:func:`mmer_cl.expansion_plan.plan_expansion`: plain picklable data naming
+(:func:`mmer_cl.store.expansion_plan.plan_expansion`: plain picklable data naming
 every blob a group reads) and submits one task per tensor group. Each task
 opens the shared blob location itself (a directory every node mounts, or
 ``s3://bucket/prefix``), reads its task vectors and previous results from it,
 merges and masks, writes its blobs there and returns their references and
 statistics. Only when every group has succeeded does the driver commit the
 version in one registry transaction
-(:func:`mmer_cl.expansion_plan.commit_expansion`).
+(:func:`mmer_cl.store.expansion_plan.commit_expansion`).
 
 A failed or killed worker: Ray retries the task (``retries`` times; a group
 is idempotent, blobs being content-addressed), after which the expand fails
@@ -117,7 +117,7 @@ class CountingBlobStore(BlobStore):
 
 
 def default_group_fn(reader, put, plan, group, device):
-    from mmer_cl.expansion_plan import expand_group
+    from mmer_cl.store.expansion_plan import expand_group
 
     return expand_group(reader, put, plan, group, device)
 

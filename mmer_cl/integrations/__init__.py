@@ -1,4 +1,4 @@
-"""Integrations with the tools mmer-cl's users train in: transformers' Trainer (and peft, see :mod:`mmer_cl.lora`).
+"""Integrations with the tools mmer-cl's users train in: transformers' Trainer (and peft, see :mod:`mmer_cl.checkpoints.lora`).
 
 ``MMERCallback`` is imported on first use, so importing this package loads
 neither transformers nor torch.

@@ -37,7 +37,7 @@ class MMERCallback(TrainerCallback):
 
     def __init__(self, store, name: str, modality: str, task: str = "default", expand: bool = True, *,
                  params=None, update: bool = False, register_kwargs: dict | None = None):
-        from mmer_cl.names import validate_name
+        from mmer_cl.runtime.names import validate_name
 
         self.store = store
         self.name = validate_name(name, "entry name")

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from mmer_cl.faults import fault_point  # crash points of the reliability suite (no-ops unless MMER_FAULT is set)
+from mmer_cl.runtime.faults import fault_point  # crash points of the reliability suite (no-ops unless MMER_FAULT is set)
 from storage.backends import MARKER_NAME, PAGE_SIZE, BackendError, paged
 
 TEMP_PREFIX = ".tmp-"

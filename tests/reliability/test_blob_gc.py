@@ -64,7 +64,7 @@ def test_an_unreadable_referenced_entry_is_named_and_can_be_removed_then_the_oth
 @pytest.mark.parametrize("where", ["root", "parent", "inside", "objects"])
 def test_export_force_onto_another_store_is_refused(trial, tmp_path, where):
     from mmer_cl.store import Store
-    from mmer_cl.export_guard import MARKER_NAME
+    from mmer_cl.checkpoints.export_guard import MARKER_NAME
 
     other = tmp_path / "area" / "other"
     Store.init(other, trial["family"] / "base", actor="x").close()

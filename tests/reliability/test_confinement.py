@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from harness import assert_clean_failure, log_trial, mmer, snapshot_files
-from mmer_cl.checkpoint import Checkpoint
+from mmer_cl.checkpoints.checkpoint import Checkpoint
 from mmer_cl.cli import cli
-from mmer_cl.confinement import allowed_name, list_aux_files, read_confined
+from mmer_cl.checkpoints.confinement import allowed_name, list_aux_files, read_confined
 from mmer_cl.errors import CheckpointError
 
 

@@ -2,7 +2,7 @@
 
 Exports hold the store's export lock shared; gc removes partial directories only when it can take that
 lock exclusively, and otherwise only those nothing wrote to for ``GRACE_SECONDS`` (see
-``mmer_cl/export_guard.py``). Trials: gc run from inside a running export (deterministic overlap), gc
+``mmer_cl/checkpoints/export_guard.py``). Trials: gc run from inside a running export (deterministic overlap), gc
 and ``export --force`` started together in threads at random offsets, and (natural timing, as the issue
 reported it) the two CLI commands started together as processes.
 """
@@ -19,13 +19,13 @@ import time
 import pytest
 
 from harness import REPO, log_trial, partial_leftovers, pick, tree_digest
-from mmer_cl.export_guard import GRACE_SECONDS, MARKER_NAME
+from mmer_cl.checkpoints.export_guard import GRACE_SECONDS, MARKER_NAME
 
 
 def tensor_digests(directory) -> dict[str, str]:
     """sha256 of every tensor of an exported checkpoint (the CLI's export metadata names another actor)."""
-    from mmer_cl.checkpoint import Checkpoint
-    from mmer_cl.fingerprint import tensor_digest
+    from mmer_cl.checkpoints.checkpoint import Checkpoint
+    from mmer_cl.runtime.fingerprint import tensor_digest
 
     ckpt = Checkpoint(directory)
     return {n: tensor_digest(ckpt.get(n)) for n in ckpt.names()}

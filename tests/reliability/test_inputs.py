@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from harness import log_trial, snapshot_files
 from mmer_cl.cli import cli
 from mmer_cl.errors import MmerError
-from mmer_cl.export_guard import MARKER_NAME, check_target
+from mmer_cl.checkpoints.export_guard import MARKER_NAME, check_target
 
 
 def run(store, *args):
@@ -282,7 +282,7 @@ def test_a_recipe_number_must_be_finite_and_in_range(trial, tmp_path, recipe):
                                            ({"seed": -3}, "seed"), ({"density": "0.5"}, "density")])
 def test_merge_params_from_the_python_api_are_checked(kwargs, named):
     from mmer_cl.errors import ConfigError
-    from mmer_cl.params import MergeParams
+    from mmer_cl.method.params import MergeParams
 
     with pytest.raises(ConfigError) as info:
         MergeParams(**kwargs)

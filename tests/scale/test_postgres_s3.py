@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from mmer_cl.locks import advisory_key, advisory_lock, writer_lock
+from mmer_cl.store.locks import advisory_key, advisory_lock, writer_lock
 from mmer_cl.store import Store, StoreError
 from registry import Registry
 from scale.helpers import cli_runner, mmer_process, tree_digest, weights_digest

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import mmer_cl.expansion_plan as expansion_plan
+import mmer_cl.store.expansion_plan as expansion_plan
 from mmer_cl.distributed.ray_expand import DistributedError, RayRunner
 from mmer_cl.store import Store
 from scale.helpers import cli_runner, weights_digest

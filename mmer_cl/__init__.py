@@ -34,7 +34,7 @@ from mmer_cl import _moved  # noqa: E402
 
 _moved.install()  # old module paths (mmer_cl.merging, ...) until 0.4
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {  # public name -> the module it is imported from on first use
     "Checkpoint": "mmer_cl.checkpoints.checkpoint",

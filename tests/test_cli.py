@@ -301,6 +301,6 @@ def test_the_release_is_one_version_everywhere():
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    assert project["version"] == __version__ == "0.2.0"
+    assert project["version"] == __version__ == "0.3.0"
     assert project["license"] == "Apache-2.0" and "Apache License" in (root / "LICENSE").read_text()
     assert f"## {__version__}" in (root / "CHANGELOG.md").read_text()

@@ -115,3 +115,17 @@ def test_a_store_expanded_under_a_tiny_budget_writes_the_same_blobs(family, tmp_
             [m.mask_density for m in tight.version(number).members]
     roomy.close()
     tight.close()
+
+
+@pytest.mark.parametrize("tie_rule", ["hash", "earliest"])
+def test_a_tensor_trimmed_in_many_pieces_folds_to_the_same_bits(monkeypatch, tie_rule):
+    """Large tensors are trimmed piece by piece (ties at the threshold counted across pieces)."""
+    from mmer_cl.method import expansion
+
+    params = MergeParams(density=0.2, tie_rule=tie_rule)
+    taus = _taus(4, (50, 37), torch.float32, seed=7)  # 1850 values: 19 pieces of 100 below
+    whole = expand_tensor(taus, params, tensor_name="t")
+    monkeypatch.setattr(expansion, "CHUNK", 100)
+    streamed = expand_tensor_streamed(lambda: iter(taus), 4, params, tensor_name="t")
+    assert torch.equal(_bits(whole.merged), _bits(streamed.merged))
+    assert streamed.kept == [int(m.sum()) for m in whole.masks]

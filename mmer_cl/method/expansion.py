@@ -62,11 +62,13 @@ class _Fold:
         self.n_pos = torch.empty(like.shape, dtype=counts, device=like.device).zero_()
         self.n_neg = torch.empty_like(self.n_pos).zero_()
 
-    def add(self, hat: torch.Tensor) -> None:
-        self.pos.add_(torch.clamp(hat, min=0, out=self.scratch))
-        self.neg.add_(torch.clamp(hat, max=0, out=self.scratch))
-        self.n_pos.add_(hat > 0)
-        self.n_neg.add_(hat < 0)
+    def add(self, hat: torch.Tensor, at: slice = slice(None)) -> None:
+        """Fold in ``hat``: the whole trimmed vector, or the flat piece ``at`` of it."""
+        scratch = self.scratch[at]
+        self.pos[at].add_(torch.clamp(hat, min=0, out=scratch))
+        self.neg[at].add_(torch.clamp(hat, max=0, out=scratch))
+        self.n_pos[at].add_(hat > 0)
+        self.n_neg[at].add_(hat < 0)
 
     def merged(self, alpha: float) -> torch.Tensor:
         """The disjoint mean on the elected sign, times ``alpha`` (the fold's buffers are used up)."""
@@ -151,8 +153,11 @@ def expand_tensor_streamed(
         flat = as_working(tau).reshape(-1)
         fold = fold or _Fold(flat, count)
         ruled = with_tie_rule(tau, threshold, params.tie_rule, seed)
-        hat, _ = trim_part(flat, ruled, ruled.ties, 0)
-        fold.add(hat)
+        ties_left = ruled.ties
+        for piece in _pieces(flat.numel()):  # trimmed piece by piece: the trim's temporaries stay small
+            hat, used = trim_part(flat[piece], ruled, ties_left, piece.start)
+            ties_left -= used
+            fold.add(hat, piece)
         del tau, flat, hat
     if len(found) != count:
         raise ValueError(f"expected {count} task vectors, got {len(found)}")

@@ -277,7 +277,8 @@ def format_report(r: dict) -> str:
               f"  {'MMER: base + merged + masks + modality sides':<52}{hb(dep['total']):>12}",
               f"    {'base (referenced, not copied)':<50}{hb(dep['base']):>12}",
               f"    {'merged vector':<50}{hb(dep['merged']):>12}",
-              f"    {'masks':<50}{hb(dep['masks']):>12}",
+              f"    {'masks' if dep['masks'] else 'masks (computed on read from each task vector)':<50}"
+              f"{hb(dep['masks']):>12}",
               f"    {'modality sides':<50}{hb(dep['modality_sides']):>12}",
               f"  {f'{n} full fine-tuned copies':<52}{hb(full):>12}"]
     for rank, lo in r["lora"].items():

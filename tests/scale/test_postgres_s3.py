@@ -9,7 +9,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mmer_cl.store.locks import advisory_key, advisory_lock, writer_lock
 from mmer_cl.store import Store, StoreError
-from registry import Registry
+from registry import SCHEMA_VERSION, Registry
 from scale.helpers import cli_runner, mmer_process, tree_digest, weights_digest
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
@@ -223,10 +223,12 @@ def test_a_schema_3_registry_on_postgresql_is_migrated_and_its_rows_described(fa
     with engine.begin() as conn:  # as the previous release left it
         conn.execute(text("ALTER TABLE entries DROP COLUMN manifest"))
         conn.execute(text("ALTER TABLE versions DROP COLUMN manifest"))
+        conn.execute(text("ALTER TABLE entries DROP COLUMN codec"))  # added by schema 5
         conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
     engine.dispose()
     with Store.open(tmp_path / "unused", url=pg_url, objects=bucket_url) as store:
-        assert store.registry.schema_version() == 4 and store.registry.manifests_complete()
+        assert store.registry.schema_version() == SCHEMA_VERSION == 5 and store.registry.manifests_complete()
+        assert {e.codec for e in store.entries()} == {"lossless"}
         assert all(f.manifest for f in [*store.registry.entry_facts(), *store.registry.version_facts()])
         assert store.audit().ok
     remote("export", "--entry", "vision", tmp_path / "after")

@@ -31,17 +31,14 @@ from storage import TensorReader, jit
 class ExportMixin:
     """`Store.export`, `export_text`, `load` and `compose`: serving a version."""
 
-    def _sparse_source(self, merged: list[BlobRef], masks: list[BlobRef] | None, derived=None
+    def _sparse_source(self, merged: list[BlobRef], masks: list[BlobRef] | None,
+                       derived: tuple[TensorSource, str, float] | None = None
                        ) -> Callable[[str], SparseMerged | None]:
         """Merged tensors (with a mask, where ``masks`` are given, or computed where ``derived``, a
-        (task vector source, version, member), is) in the sparse form they are stored in: None for a key
+        (task vector source, mask rule, lambda), is) in the sparse form they are stored in: None for a key
         whose blobs are coded otherwise (against an earlier version), which then reads dense."""
         merged_digests = {r.key: r.digest for r in merged}
         mask_digests = {r.key: r.digest for r in masks} if masks is not None else None
-        if derived is not None:
-            tau, v, member = derived
-            params = MergeParams.from_dict(v.params)
-            rule, lam = params.mask_rule, params.lam_for(member.entry_name)
 
         def read(key: str) -> SparseMerged | None:
             digest = merged_digests[key]
@@ -50,6 +47,7 @@ class ExportMixin:
                 if form is None:
                     return None
                 shape, bits, values = form
+                tau, rule, lam = derived
                 return SparseMerged(tuple(shape), bits, values, mask_at_nonzero(tau(key), bits, values, rule, lam))
             ordered = None
             if mask_digests is not None:  # first: a mask coded against its parent needs no merged blob read
@@ -99,12 +97,13 @@ class ExportMixin:
         merged_refs = list(self.registry.version_blobs(v.id, "merged"))
         aux = {r.key: self.blobs.get(r.digest) for r in self.registry.entry_blobs(entry.id, "aux")}
         merged = self.blob_source(merged_refs)
-        mask_refs = [r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id]
+        mask_refs = self._stored_masks(v, entry)
         if use_mask and not mask_refs and masks_derived(v.details):
             merged = read_once_for_two(merged)  # the derived mask reads it too
             tau = self._task_vector_source(base_rec, entry, self.reader)
-            mask = self._derived_masks(v, member, tau, merged)
-            sparse = self._sparse_source(merged_refs, None, derived=(tau, v, member))
+            rule, lam = self._mask_rule(v, member)
+            mask = derived_mask_source(tau, merged, rule, lam)
+            sparse = self._sparse_source(merged_refs, None, derived=(tau, rule, lam))
         else:
             mask = self.blob_source(mask_refs) if use_mask else None
             sparse = self._sparse_source(merged_refs, mask_refs if use_mask else None)
@@ -120,16 +119,23 @@ class ExportMixin:
         checkpoints: dict = {}
         return lambda key: task_vector_from_spec(reader, specs[key], torch.device("cpu"), checkpoints)
 
-    def _derived_masks(self, v: VersionRecord, member, tau: TensorSource, merged: TensorSource) -> TensorSource:
+    def _stored_masks(self, v: VersionRecord, entry: EntryRecord) -> list[BlobRef]:
+        """The entry's mask blobs in version ``v``: none where its masks are computed on read."""
+        return [r for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id]
+
+    @staticmethod
+    def _mask_rule(v: VersionRecord, member) -> tuple[str, float]:
+        """The mask rule and the member's lambda that version ``v`` was expanded with."""
         params = MergeParams.from_dict(v.params)
-        return derived_mask_source(tau, merged, params.mask_rule, params.lam_for(member.entry_name))
+        return params.mask_rule, params.lam_for(member.entry_name)
 
     def _mask_source(self, v: VersionRecord, base_rec: BaseRecord, entry: EntryRecord, member,
                      reader: TensorReader, merged: TensorSource) -> TensorSource:
         """One member's masks by base key: stored blobs, or computed from its task vector and ``merged``."""
-        digests = {r.key: r.digest for r in self.registry.version_blobs(v.id, "mask") if r.entry_id == entry.id}
+        digests = {r.key: r.digest for r in self._stored_masks(v, entry)}
         if not digests and masks_derived(v.details):
-            return self._derived_masks(v, member, self._task_vector_source(base_rec, entry, reader), merged)
+            tau = self._task_vector_source(base_rec, entry, reader)
+            return derived_mask_source(tau, merged, *self._mask_rule(v, member))
         return lambda key: reader.tensor(digests[key], key)
 
     def _protected(self) -> list[Protected]:
